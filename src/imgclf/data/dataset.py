@@ -1,0 +1,129 @@
+"""Feeding images to a model: decoded-image caches, datasets and a resumable seeded sampler.
+
+Augmentation is seeded per (seed, epoch, image), so a run gives the same batches whatever the
+number of DataLoader workers, and a resumed run replays exactly what the killed one would have.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from imgclf.data.images import DEFAULT_MAX_PIXELS, IdxImage, ImageError, load_image
+from imgclf.data.scan import Sample
+from imgclf.data.transforms import Preprocessing, eval_tensor, train_cache_tensor
+
+
+def open_sample(sample: Sample, prep: Preprocessing | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the image of a sample (a file or an IDX entry) to RGB. Raises ImageError."""
+    if sample.index >= 0:
+        from imgclf.data.idx import idx_image
+
+        return load_image(IdxImage(idx_image(sample)))
+    return load_image(sample.path, draft_size=prep.resize_size if prep else None, max_pixels=max_pixels)
+
+
+def decode_all(samples: list[Sample], to_tensor: Callable[[Image.Image], torch.Tensor],
+               prep: Preprocessing, desc: str, progress: bool = True) -> tuple[list, list[dict]]:
+    """Decode samples in parallel threads (Pillow releases the GIL) into uint8 tensors.
+
+    Returns the tensors (None where a file failed) and the failures as ``{"path", "reason"}``.
+    """
+    def work(sample: Sample):
+        try:
+            return to_tensor(open_sample(sample, prep)), None
+        except ImageError as exc:
+            return None, {"path": exc.path, "reason": exc.reason}
+
+    tensors, failures = [], []
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for tensor, failure in pool.map(work, samples):
+            tensors.append(tensor)
+            if failure:
+                failures.append(failure)
+            bar.update(1)
+    return tensors, failures
+
+
+class ImageDataset(Dataset):
+    """Labelled images as uint8 CHW tensors, from a cache or decoded on demand.
+
+    Items are keyed ``(epoch, index)``; in training mode the augmentation for that pair is seeded
+    from ``(seed, epoch, index)``. An image that fails to decode yields None (skipped by collate).
+    """
+
+    def __init__(self, samples: list[Sample], targets: list[int], prep: Preprocessing, train: bool,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 cache: list[torch.Tensor | None] | None = None):
+        self.samples, self.targets, self.prep = samples, targets, prep
+        self.train, self.augment, self.seed, self.cache = train, augment, seed, cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _base_tensor(self, index: int) -> torch.Tensor | None:
+        if self.cache is not None:
+            return self.cache[index]
+        try:
+            image = open_sample(self.samples[index], self.prep)
+        except ImageError as exc:
+            print(f"skipped {exc.path}: {exc.reason}", file=sys.stderr)
+            return None
+        return train_cache_tensor(image, self.prep) if self.train else eval_tensor(image, self.prep)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        tensor = self._base_tensor(index)
+        if tensor is None:
+            return None
+        if self.train and self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+                tensor = self.augment(tensor)
+        return tensor, self.targets[index]
+
+
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stack a batch, leaving out images that failed to decode."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return None
+    return torch.stack([t for t, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long)
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation per epoch, sharded over ``world_size`` processes, able to skip the
+    first ``skip`` items (to resume mid-epoch). Yields ``(epoch, index)`` keys."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))[self.rank::self.world_size]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        # every process gets the same number of items (DDP steps in lock-step)
+        per_rank = len(order) // self.world_size if self.world_size > 1 else len(order)
+        return order[self.rank::self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._indices()[self.skip:]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.skip)

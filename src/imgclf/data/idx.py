@@ -1,0 +1,170 @@
+"""MNIST-format IDX files (as MNIST and Fashion-MNIST ship them) and their download.
+
+A folder holding ``<prefix>-images-idx3-ubyte[.gz]`` with ``<prefix>-labels-idx1-ubyte[.gz]`` is a
+data source; ``train`` prefixes are the training split and ``t10k``/``test`` prefixes the test split.
+Class names come from ``classes.txt`` (one per line) when present, else from the known data sets.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import re
+import shutil
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.scan import DataError, Sample, ScanResult
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+DATASETS = {
+    "fashion-mnist": {
+        "base": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "classes": FASHION_MNIST_CLASSES,
+        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+    },
+    "mnist": {
+        "base": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "classes": MNIST_CLASSES,
+        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+    },
+}
+
+_IMAGES_RE = re.compile(r"^(?P<prefix>.+?)[-_.]images[-_.]idx3[-_.]ubyte(\.gz)?$")
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+@functools.lru_cache(maxsize=8)
+def read_idx(path: str) -> np.ndarray:
+    """Parse one IDX file (gzip or raw) into an array, checking the header against the size."""
+    try:
+        with _open(Path(path)) as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dims = data[3]
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise DataError(f"{path}: IDX header is truncated")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    dtype = np.dtype(_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX data is {len(data) - header} bytes, header says {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def find_idx_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
+    """``{prefix: (images_file, labels_file)}`` for the IDX pairs in a folder."""
+    if not root.is_dir():
+        return {}
+    pairs = {}
+    for path in sorted(root.iterdir()):
+        match = _IMAGES_RE.match(path.name)
+        if not match:
+            continue
+        prefix = match.group("prefix")
+        labels = [p for p in root.iterdir() if p.name.startswith(prefix)
+                  and re.search(r"labels[-_.]idx1[-_.]ubyte(\.gz)?$", p.name)]
+        if labels:
+            pairs[prefix] = (path, labels[0])
+    return pairs
+
+
+def class_names(root: Path, n_classes: int) -> list[str]:
+    names_file = root / "classes.txt"
+    if names_file.exists():
+        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(names) < n_classes:
+            raise DataError(f"{names_file}: {len(names)} names for {n_classes} classes")
+        return names
+    if n_classes <= 10 and "fashion" in root.name.lower():
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(n_classes)]
+
+
+def _split_of(prefix: str) -> str:
+    return "test" if prefix.lower().startswith(("t10k", "test")) else "train"
+
+
+def scan_idx(root: Path) -> ScanResult:
+    samples = []
+    pairs = find_idx_pairs(root)
+    max_label = 0
+    label_arrays = {}
+    for prefix, (images, labels) in pairs.items():
+        image_array, label_array = read_idx(str(images)), read_idx(str(labels))
+        if image_array.ndim != 3 or label_array.ndim != 1 or len(image_array) != len(label_array):
+            raise DataError(f"{images}: {image_array.shape} images do not match {label_array.shape} labels")
+        label_arrays[prefix] = label_array
+        max_label = max(max_label, int(label_array.max()) if len(label_array) else 0)
+    names = class_names(root, max_label + 1)
+    for prefix, (images, _) in pairs.items():
+        split = _split_of(prefix)
+        for i, label in enumerate(label_arrays[prefix].tolist()):
+            samples.append(Sample(str(images), names[label], split, f"{images.name}", i))
+    return ScanResult(str(root), "idx", samples)
+
+
+def idx_image(sample: Sample) -> np.ndarray:
+    return read_idx(sample.path)[sample.index]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an array as an IDX file (gzip when the name ends in .gz): used by tests and tools."""
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb")) as handle:
+        handle.write(header + np.ascontiguousarray(array).tobytes())
+
+
+def download(name: str, folder: str | Path) -> Path:
+    """Download a known IDX data set into ``folder`` and check each file's MD5 (needs a network)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set '{name}'; known: {', '.join(DATASETS)}")
+    spec, target = DATASETS[name], Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    for filename in _FILES:
+        destination = target / filename
+        if not destination.exists() or _md5(destination) != spec["md5"][filename]:
+            partial = destination.with_suffix(".part")
+            try:
+                with urllib.request.urlopen(spec["base"] + filename, timeout=60) as response, \
+                        open(partial, "wb") as out:
+                    shutil.copyfileobj(response, out)
+            except OSError as exc:
+                raise DataError(f"cannot download {spec['base'] + filename}: {exc}") from None
+            if _md5(partial) != spec["md5"][filename]:
+                partial.unlink()
+                raise DataError(f"{filename}: checksum mismatch after download")
+            partial.replace(destination)
+    (target / "classes.txt").write_text("\n".join(spec["classes"]) + "\n", encoding="utf-8")
+    return target
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,187 @@
+"""The one image loader, shared by audit, training, evaluation and prediction.
+
+Formats are sniffed from the content (never trusted from the extension) against an
+allowlist; EXIF orientation is applied; every Pillow mode becomes 8-bit RGB with correct
+values (16-bit and float scaled, transparency composited on a fixed background).
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats we decode. Everything else (PDF, EPS, FITS, ...) is refused before any decoder runs.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit; more is treated as a decompression bomb
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, always the same
+
+# Never accept truncated images silently (Pillow's global switch must stay off).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_KNOWN_OTHER_FORMATS = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"SIMPLE  =", "FITS"),
+)
+
+
+class ImageError(Exception):
+    """An image that cannot be used, with the file and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class IdxImage:
+    """One image inside an MNIST-format IDX file, addressed as ``file#index``."""
+
+    array: np.ndarray  # (H, W) uint8
+
+
+def _sniff_unsupported(head: bytes) -> str:
+    """Name a format we do not read, from its first bytes, to give a helpful reason."""
+    for magic, name in _KNOWN_OTHER_FORMATS:
+        if head.startswith(magic):
+            return f"unsupported format ({name})"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"heim", b"heis"):
+            return "unsupported format (HEIC; install the pillow-heif plugin to read it)"
+        if brand in (b"avif", b"avis"):
+            return "unsupported format (AVIF; install the pillow-avif-plugin to read it)"
+    return "not an image"
+
+
+def _scale_to_uint8(array: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Scale integer or float pixel values to 0..255 without clipping the range away."""
+    array = array.astype(np.float64)
+    if full_scale is None:  # unknown range: stretch what is there
+        low, high = float(array.min()), float(array.max())
+        full_scale = high - low if high > low else 1.0
+        array = array - low
+    return np.clip(np.rint(array * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def _wide_to_l(image: Image.Image) -> Image.Image:
+    """Convert 16-bit, 32-bit integer and float single-channel images to 8-bit L."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(_scale_to_uint8(array, 65535.0), "L")
+    if image.mode == "I":
+        # Pillow opens 16-bit PNG/TIFF greyscale as "I": values up to 65535 are 16-bit data.
+        if array.min() >= 0 and array.max() <= 65535:
+            full = 255.0 if array.max() <= 255 else 65535.0
+            return Image.fromarray(_scale_to_uint8(array, full), "L")
+        return Image.fromarray(_scale_to_uint8(array, None), "L")
+    # "F": floats in [0, 1] are intensities; anything else is stretched to its range
+    if array.size and array.min() >= 0.0 and array.max() <= 1.0:
+        return Image.fromarray(_scale_to_uint8(array, 1.0), "L")
+    return Image.fromarray(_scale_to_uint8(np.nan_to_num(array), None), "L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB with correct values."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _wide_to_l(image).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_checked(data: io.BytesIO | str, path: str, max_pixels: int) -> Image.Image:
+    """Open with the format allowlist and refuse bombs before decoding any pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(data, formats=ALLOWED_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(path, "too many pixels (decompression bomb)") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(path, f"too many pixels ({width}x{height}, decompression bomb)")
+    return image
+
+
+def load_image(
+    path: str | os.PathLike | IdxImage,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode one image file to an RGB Pillow image, or raise :class:`ImageError` naming the reason.
+
+    ``draft_size``: when the caller will shrink the image to about this many pixels on the short
+    side, JPEGs are decoded at a reduced scale (Pillow's draft mode), still at least twice that
+    size so the final resize keeps its quality. Use the same value everywhere for one model so the
+    same photo always gives the same pixels.
+    """
+    if isinstance(path, IdxImage):
+        return Image.fromarray(path.array, "L").convert("RGB")
+    name = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except IsADirectoryError:
+        raise ImageError(name, "is a directory") from None
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+    return decode_image_bytes(data, name, draft_size=draft_size, max_pixels=max_pixels)
+
+
+def decode_image_bytes(
+    data: bytes, name: str, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    with_size: bool = False,
+):
+    """Decode image bytes (a file's content or an upload) exactly as :func:`load_image` does.
+
+    With ``with_size``, return ``(image, (width, height))`` where the size is the stored one,
+    before draft-mode reduction and EXIF rotation.
+    """
+    if len(data) == 0:
+        raise ImageError(name, "empty file")
+    try:
+        image = _open_checked(io.BytesIO(data), name, max_pixels)
+    except UnidentifiedImageError:
+        raise ImageError(name, _sniff_unsupported(data[:16])) from None
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise ImageError(name, f"not a valid image ({exc})") from None
+    try:
+        stored_size = image.size  # read before draft() shrinks it
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size * 2, draft_size * 2))
+        image.seek(0)  # animated GIF/WebP/TIFF: the first frame only
+        image.load()
+        image = to_rgb(ImageOps.exif_transpose(image) or image)
+        return (image, stored_size) if with_size else image
+    except ImageError:
+        raise
+    except OSError as exc:
+        text = str(exc)
+        reason = "truncated" if "truncated" in text or "broken data stream" in text else f"cannot decode ({text})"
+        raise ImageError(name, reason) from None
+    except (ValueError, SyntaxError, EOFError, MemoryError, struct.error) as exc:
+        raise ImageError(name, f"cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def is_image_name(path: str | Path) -> bool:
+    """Whether a file name looks like an image; only used to choose files while scanning folders."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES

@@ -1,0 +1,145 @@
+"""Pictures for the evaluation report: a confusion heatmap and training curves.
+
+Each function writes one PNG and returns its path. The Agg backend is selected before pyplot is
+imported because reports are made on headless machines (servers, CI) with no display.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+
+_DPI = 110
+_ANNOTATE_MAX = 15
+
+
+def confused_subset(matrix: np.ndarray | list, k: int) -> list[int]:
+    """Indices (ascending) of the ``k`` classes most involved in off-diagonal confusion.
+
+    A class's score is the images it lost to others plus the images others lost to it, so both
+    sides of a bad pair are kept. Ties go to the lower index, making the choice deterministic.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    n = m.shape[0]
+    if k >= n:
+        return list(range(n))
+    off = m - np.diag(np.diag(m))
+    score = off.sum(axis=1) + off.sum(axis=0)
+    chosen = np.argsort(-score, kind="stable")[: max(k, 0)]
+    return sorted(int(i) for i in chosen)
+
+
+def _row_normalise(matrix: np.ndarray) -> np.ndarray:
+    """Each row as a fraction of its true class, so small and large classes read alike."""
+    sums = matrix.sum(axis=1, keepdims=True)
+    # Rows with no images stay all zero instead of becoming NaN.
+    return np.divide(matrix, sums, out=np.zeros_like(matrix, dtype=np.float64), where=sums > 0)
+
+
+def _annotate(ax, counts: np.ndarray, fractions: np.ndarray) -> None:
+    """Write raw counts in the cells; white text on dark cells so it stays readable."""
+    for t in range(counts.shape[0]):
+        for p in range(counts.shape[1]):
+            colour = "white" if fractions[t, p] > 0.5 else "black"
+            ax.text(p, t, str(int(counts[t, p])), ha="center", va="center",
+                    color=colour, fontsize=8)
+
+
+def plot_confusion(
+    confusion: dict, path: str | Path, max_classes: int = 30, title: str = "Confusion matrix"
+) -> Path:
+    """Heatmap of a ``{"labels", "matrix"}`` confusion dict, normalised per true class.
+
+    With more than ``max_classes`` classes only the most-confused ones are drawn: a full
+    hundreds-of-classes matrix is an unreadable blur. Their rows keep the normalisation over all
+    classes, so a cell still reads as "fraction of this class's images".
+    """
+    labels = list(confusion["labels"])
+    counts = np.asarray(confusion["matrix"], dtype=np.int64).reshape(len(labels), len(labels))
+    fractions = _row_normalise(counts)
+    if len(labels) > max_classes:
+        keep = confused_subset(counts, max_classes)
+        title = f"{title} ({len(keep)} most-confused of {len(labels)} classes)"
+        counts, fractions = counts[np.ix_(keep, keep)], fractions[np.ix_(keep, keep)]
+        labels = [labels[i] for i in keep]
+    k = len(labels)
+    side = min(4.0 + 0.35 * k, 40.0)  # grow with the classes, but stay a sane image size
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    try:
+        image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+        fontsize = 9 if k <= 30 else 7
+        ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(k), labels, fontsize=fontsize)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(title)
+        if k <= _ANNOTATE_MAX:
+            _annotate(ax, counts, fractions)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)  # pyplot keeps figures alive otherwise; reports make many of them
+
+
+def _column(history: list[dict], key: str) -> np.ndarray:
+    """One metric over epochs; missing or None values become NaN, which pyplot leaves as gaps."""
+    values = []
+    for row in history:
+        value = row.get(key)
+        values.append(float("nan") if value is None else float(value))
+    return np.asarray(values, dtype=np.float64)
+
+
+def _curves(ax, epochs: np.ndarray, series: list[tuple[str, np.ndarray]], ylabel: str,
+            best_epoch: int | None) -> None:
+    """Draw one panel; all-NaN series are skipped so the legend lists only real curves."""
+    for label, values in series:
+        if not np.all(np.isnan(values)):
+            # Markers keep a one-epoch run (a single point, no line) visible.
+            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def plot_history(history: list[dict], path: str | Path, best_epoch: int | None = None) -> Path:
+    """Loss and accuracy curves side by side, with the chosen (best) epoch marked.
+
+    Seeing train and val together is how over- and under-fitting are spotted.
+    """
+    if not history:
+        raise ValueError("no epochs in history to plot")
+    epochs = np.asarray([int(row["epoch"]) for row in history])
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        _curves(loss_ax, epochs, [("train loss", _column(history, "train_loss")),
+                                  ("val loss", _column(history, "val_loss"))], "loss", best_epoch)
+        _curves(acc_ax, epochs, [("train acc", _column(history, "train_acc")),
+                                 ("val top-1", _column(history, "val_top1"))], "accuracy",
+                best_epoch)
+        loss_ax.set_title("Loss")
+        acc_ax.set_title("Accuracy")
+        # Whole-number ticks: fractional epochs do not exist.
+        for ax in (loss_ax, acc_ax):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure, creating the folder, so callers can pass a fresh report directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path

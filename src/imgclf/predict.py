@@ -1,0 +1,134 @@
+"""A trained model put to work, in scikit-learn's manner: ``predict``, ``predict_proba``, ``classes_``.
+
+Preprocessing comes from the bundle; images are decoded by the same loader as in training, in a
+thread pool that works on the next batch while the model runs on this one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf.bundle import Bundle, load_bundle
+from imgclf.data.images import ImageError, load_image, to_rgb
+from imgclf.data.transforms import eval_tensor
+from imgclf.training.hardware import resolve_runtime
+from imgclf.training.loop import model_input
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class FilePrediction:
+    """The top-k of one file, or why it could not be read."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
+                                           zip(self.labels, self.probs)]}
+
+
+class Classifier:
+    """Predicts labels for photos with a trained bundle."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", precision: str = "auto", batch_size: int = 64):
+        self.runtime = resolve_runtime(device, precision, "auto")
+        memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
+        self.model = bundle.model.to(self.runtime.device, memory_format=memory_format).eval()
+        self.meta = bundle.meta
+        self.preprocessing = bundle.preprocessing
+        self.classes_ = np.array(bundle.classes, dtype=object)
+        self.temperature = float(bundle.meta.get("temperature", 1.0))
+        self.batch_size = batch_size
+
+    def _tensor(self, item: ImageLike) -> torch.Tensor:
+        if isinstance(item, Image.Image):
+            image = to_rgb(item)
+        elif isinstance(item, np.ndarray):
+            image = to_rgb(Image.fromarray(item))
+        else:
+            image = load_image(item, draft_size=self.preprocessing.resize_size)
+        return eval_tensor(image, self.preprocessing)
+
+    @torch.no_grad()
+    def _proba_of_tensors(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        batch = torch.stack(tensors)
+        with self.runtime.autocast():
+            logits = self.model(model_input(batch, self.runtime, self.preprocessing))
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
+
+    def predict_proba(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
+        """(n, n_classes) probabilities, columns in the order of ``classes_``. Raises ImageError."""
+        items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if not items:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            out.append(self._proba_of_tensors([self._tensor(x) for x in items[start:start + self.batch_size]]))
+        return np.concatenate(out)
+
+    def predict(self, images: ImageLike | Iterable[ImageLike], k: int = 1) -> np.ndarray:
+        """Labels: shape (n,) for ``k=1``, else (n, k) ranked best first."""
+        proba = self.predict_proba(images)
+        order = np.argsort(-proba, axis=1)[:, :k]
+        labels = self.classes_[order]
+        return labels[:, 0] if k == 1 else labels
+
+    def predict_files(self, paths: Iterable[str], k: int = 5, progress: bool = False,
+                      workers: int | None = None) -> Iterator[FilePrediction]:
+        """Top-k for many files, in order, decoding the next batch while this one runs.
+
+        A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
+        Memory stays bounded: at most two batches are decoded ahead.
+        """
+        from tqdm import tqdm
+
+        paths = list(paths)
+        k = min(k, len(self.classes_))
+        bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+
+        def decode(path: str):
+            try:
+                return self._tensor(path), ""
+            except ImageError as exc:
+                return None, exc.reason
+
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            chunks = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+            pending = [pool.map(decode, chunk) for chunk in chunks[:2]]
+            for index, chunk in enumerate(chunks):
+                decoded = list(pending.pop(0))
+                if index + 2 < len(chunks):
+                    pending.append(pool.map(decode, chunks[index + 2]))
+                yield from self._chunk_predictions(chunk, decoded, k)
+                bar.update(len(chunk))
+        bar.close()
+
+    def _chunk_predictions(self, chunk: list[str], decoded: list, k: int) -> Iterator[FilePrediction]:
+        good = [i for i, (tensor, _) in enumerate(decoded) if tensor is not None]
+        proba = self._proba_of_tensors([decoded[i][0] for i in good]) if good else None
+        rows = {i: row for i, row in zip(good, proba)} if proba is not None else {}
+        for i, path in enumerate(chunk):
+            if i not in rows:
+                yield FilePrediction(path, error=decoded[i][1])
+                continue
+            order = np.argsort(-rows[i])[:k]
+            yield FilePrediction(path, [str(self.classes_[j]) for j in order], [float(rows[i][j]) for j in order])
+
+
+def load(path: str | os.PathLike, device: str = "auto", precision: str = "auto", batch_size: int = 64) -> Classifier:
+    """Load a run folder or model bundle as a :class:`Classifier` (weights only from safetensors)."""
+    return Classifier(load_bundle(Path(path)), device=device, precision=precision, batch_size=batch_size)

@@ -1,0 +1,173 @@
+"""Every setting of imgclf, declared once: type, default and a one-line help.
+
+Sections group the settings by the job that reads them; field names are unique across
+sections so that each one can be a flat command-line flag (``--image-size``), as
+Ultralytics' ``default.yaml`` keys are. Precedence: defaults < config file < command line.
+The resolved tree is written with every run (``settings.json``) and every model bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """Declare one setting: its default, its one-line help and, optionally, allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DataSettings:
+    val_fraction: float = setting(0.1, "share of each class held out for validation when no split is given")
+    test_fraction: float = setting(0.1, "share of each class held out for testing when no split is given")
+    min_side: int = setting(32, "images smaller than this many pixels on a side are skipped as too small")
+    min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit")
+    max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs")
+    audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)")
+
+
+@dataclass
+class ModelSettings:
+    model: str = setting("cnn4", "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture")
+    image_size: int = setting(64, "side of the square image the model sees, in pixels")
+    pretrained: bool = setting(False, "start from pretrained weights (needs them on disk or online)")
+    drop_rate: float = setting(0.0, "dropout before the classifier")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = setting(30, "maximum number of passes over the training images")
+    batch_size: int = setting(64, "images per optimisation step")
+    lr: float = setting(2e-3, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    warmup_epochs: float = setting(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy loss")
+    augment: str = setting("light", "augmentation preset", choices=("none", "light", "strong"))
+    patience: int = setting(6, "stop when validation loss has not improved for this many epochs (0: never)")
+    seed: int = setting(0, "random seed: the same seed and data give the same model")
+    precision: str = setting("auto", "number format: auto picks bf16 where the CPU/GPU supports it",
+                             choices=("auto", "fp32", "bf16"))
+    channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)")
+    cache: str = setting("auto", "keep decoded images in memory: auto does so when they fit",
+                         choices=("auto", "ram", "none"))
+    threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
+    max_steps: int = setting(0, "stop after this many optimisation steps in total (0: no limit; for tests)")
+
+
+@dataclass
+class PredictSettings:
+    top_k: int = setting(5, "how many labels to return per image")
+    predict_batch_size: int = setting(64, "images per forward pass when predicting")
+    format: str = setting("table", "output format", choices=("table", "json", "csv"))
+
+
+@dataclass
+class Settings:
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    predict: PredictSettings = field(default_factory=PredictSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SECTIONS = {f.name: f.type for f in fields(Settings)}
+
+
+class SettingsError(ValueError):
+    """A setting name or value that imgclf does not accept."""
+
+
+def section_fields(section: str) -> list[dataclasses.Field]:
+    return list(fields(getattr(Settings(), section)))
+
+
+def _all_names() -> dict[str, str]:
+    """Map every setting name to the section that declares it."""
+    return {f.name: section for section in SECTIONS for f in section_fields(section)}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"setting '{name}': expected true/false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting '{name}': expected {kind.__name__}, got {value!r}") from None
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """Return a copy of ``settings`` with flat ``name: value`` overrides applied and validated.
+
+    Nested ``{section: {name: value}}`` dictionaries (as written to settings.json) are accepted too.
+    Unknown names fail with a "did you mean" suggestion.
+    """
+    names = _all_names()
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    result = Settings(**{s: dataclasses.replace(getattr(settings, s)) for s in SECTIONS})
+    for key, value in flat.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SettingsError(f"unknown setting '{key}'{hint}")
+        section = getattr(result, names[key])
+        spec = next(f for f in fields(section) if f.name == key)
+        coerced = _coerce(key, value, spec.default)
+        choices = spec.metadata.get("choices")
+        if choices and coerced not in choices:
+            raise SettingsError(f"setting '{key}': {coerced!r} is not one of {', '.join(choices)}")
+        setattr(section, key, coerced)
+    validate(result)
+    return result
+
+
+def validate(settings: Settings) -> None:
+    """Refuse values that cannot work, with the reason."""
+    d, m, t = settings.data, settings.model, settings.train
+    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        raise SettingsError("val_fraction and test_fraction must be in [0, 1) and leave room for training")
+    if m.image_size < 8:
+        raise SettingsError(f"image_size {m.image_size} is too small (8 pixels at least)")
+    if t.epochs < 1 or t.batch_size < 1:
+        raise SettingsError("epochs and batch_size must be at least 1")
+    if t.lr <= 0:
+        raise SettingsError("lr must be positive")
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Defaults, then a JSON config file (flat or sectioned), then explicit overrides."""
+    settings = Settings()
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc}") from None
+        settings = apply_overrides(settings, data)
+    return apply_overrides(settings, overrides or {})
+
+
+def from_dict(data: dict) -> Settings:
+    """Rebuild settings saved by :meth:`Settings.to_dict` (tolerating keys added in later versions)."""
+    names = _all_names()
+    known = {k: v for section in SECTIONS for k, v in data.get(section, {}).items() if k in names}
+    return apply_overrides(Settings(), known)

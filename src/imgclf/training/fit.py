@@ -1,0 +1,308 @@
+"""``train``: data -> audited split -> model -> epochs with checkpoints -> best bundle -> evaluation.
+
+Read top to bottom: :func:`train` calls one function per stage. A run folder holds everything
+(settings.json, split.csv, audit.json, history.csv, tensorboard/, checkpoint.safetensors, the
+bundle, metrics.json, report.md), and ``train(resume=True)`` continues a killed run exactly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.bundle import save_bundle
+from imgclf.data.transforms import Preprocessing, measure_mean_std
+from imgclf.models.factory import create_model, is_scratch_model, preprocessing_for
+from imgclf.settings import Settings, apply_overrides, from_dict
+from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.training.data_setup import Loaders, RunData, build_loaders, prepare_data, reload_data
+from imgclf.training.distributed import Distributed, broadcast_flag, init_distributed, unwrap, wrap_model
+from imgclf.training.hardware import Runtime, resolve_runtime
+from imgclf.training.loop import (EpochProgress, NonFiniteLossError, StopRequest, TrainStep, evaluate_logits,
+                               summarize_logits, train_one_epoch)
+
+CHECKPOINT = "checkpoint.safetensors"
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr",
+                  "seconds", "images_per_s")
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or go on, with the reason and what to do."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    status: str  # "finished", "stopped" (signal or max_steps: resumable), "failed"
+    epochs_done: int
+    best_epoch: int
+    metrics: dict | None = None
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides model and optimizer."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    progress: EpochProgress | None = None  # set when the checkpoint is mid-epoch
+    global_step: int = 0
+    history: list = None  # type: ignore[assignment]
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        self.history = self.history or []
+
+
+def _write_run_json(out: Path, **fields: Any) -> None:
+    path = out / "run.json"
+    run = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    run.update(fields)
+    path.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _start_run(data: str | None, out: Path, settings: Settings, resume: bool, info: Distributed,
+               progress: bool) -> tuple[Settings, RunData]:
+    """Prepare a new run folder, or reload an interrupted one exactly as it was."""
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise TrainError(f"{out}: no {CHECKPOINT} to resume from")
+        saved = json.loads((out / "settings.json").read_text(encoding="utf-8"))
+        return from_dict(saved), reload_data(out)
+    if data is None:
+        raise TrainError("no data given: pass a folder of class folders, a CSV or IDX files")
+    if (out / CHECKPOINT).exists():
+        raise TrainError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run_data = prepare_data(data, settings, out, info, progress)
+    if info.is_main:
+        settings.dump(out / "settings.json")
+        _write_run_json(out, data=str(Path(data).resolve()), classes=run_data.classes, status="running")
+    return settings, run_data
+
+
+def _preprocessing(model: nn.Module, settings: Settings, out: Path, run_data: RunData,
+                   resume: bool, progress: bool) -> Preprocessing:
+    """The model's input config. Scratch models get the training split's mean/std, measured once."""
+    m = settings.model
+    if resume:
+        return Preprocessing.from_dict(json.loads((out / "run.json").read_text())["preprocessing"])
+    if not is_scratch_model(m.model):
+        return preprocessing_for(model, m.model, m.image_size)
+    decode_prep = preprocessing_for(model, m.model, m.image_size, (0.5,) * 3, (0.5,) * 3)
+    from imgclf.data.dataset import decode_all
+    from imgclf.data.transforms import eval_tensor
+
+    sample = run_data.split("train")[:: max(1, len(run_data.split("train")) // 500)]
+    tensors, _ = decode_all(sample, lambda im: eval_tensor(im, decode_prep), decode_prep, "measure mean/std",
+                            progress)
+    mean, std = measure_mean_std([t for t in tensors if t is not None])
+    return replace(decode_prep, mean=mean, std=std)
+
+
+def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": settings.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.train.lr)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, settings: Settings):
+    """Linear warm-up, then cosine decay to 1% of the peak, stepped every optimisation step."""
+    total = max(1, settings.train.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(settings.train.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / max(1, warmup)
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _checkpoint_state(step: TrainStep, state: RunState) -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"model": unwrap(step.model).state_dict(), "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(), "epoch": state.epoch,
+            "progress": asdict(state.progress) if state.progress else None,
+            "global_step": state.global_step, "history": state.history, "best_loss": state.best_loss,
+            "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "rng": rng}
+
+
+def _restore(step: TrainStep, out: Path) -> RunState:
+    saved = load_checkpoint(out / CHECKPOINT)
+    unwrap(step.model).load_state_dict(saved["model"])
+    step.optimizer.load_state_dict(saved["optimizer"])
+    step.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    progress = EpochProgress(**saved["progress"]) if saved["progress"] else None
+    return RunState(saved["epoch"], progress, saved["global_step"], saved["history"], saved["best_loss"],
+                    saved["best_epoch"], saved["bad_epochs"])
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _bundle_meta(settings: Settings, run_data: RunData, prep: Preprocessing, state: RunState, row: dict) -> dict:
+    depth = max(label.count(" > ") + 1 for label in run_data.classes)
+    return {"architecture": settings.model.model, "classes": run_data.classes,
+            "hierarchy": {"separator": " > ", "depth": depth} if depth > 1 else None,
+            "preprocessing": prep.to_dict(), "settings": settings.to_dict(),
+            "epoch": row["epoch"], "metrics": {"val_loss": row["val_loss"], "val_top1": row["val_top1"],
+                                               "val_top5": row["val_top5"]}}
+
+
+def _format_eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress,
+                  ctx: dict) -> bool:
+    """Validate, record, keep the best bundle, checkpoint. Returns True when patience ran out."""
+    settings, out, info = ctx["settings"], ctx["out"], ctx["info"]
+    val = {"loss": math.nan, "top1": math.nan, "top5": math.nan}
+    if loaders.val is not None:
+        logits, targets = evaluate_logits(unwrap(step.model), loaders.val, step.runtime, step.prep)
+        val = summarize_logits(logits, targets, step.loss_fn)
+    summary = progress.summary()
+    row = {"epoch": state.epoch + 1, "train_loss": round(summary["train_loss"], 5),
+           "train_acc": round(summary["train_acc"], 5), "val_loss": round(val["loss"], 5),
+           "val_top1": round(val["top1"], 5), "val_top5": round(val["top5"], 5),
+           "lr": step.optimizer.param_groups[0]["lr"], "seconds": round(progress.seconds, 2),
+           "images_per_s": round(summary["images_per_s"], 1)}
+    state.history.append(row)
+    score = val["loss"] if loaders.val is not None else summary["train_loss"]
+    improved = score < state.best_loss - 1e-6
+    if improved:
+        state.best_loss, state.best_epoch, state.bad_epochs = score, row["epoch"], 0
+        if info.is_main:
+            save_bundle(out, unwrap(step.model), _bundle_meta(settings, ctx["run_data"], step.prep, state, row))
+    else:
+        state.bad_epochs += 1
+    state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
+    if info.is_main:
+        save_checkpoint(_checkpoint_state(step, state), out / CHECKPOINT)
+        _write_history(out, state.history)
+        for key in HISTORY_FIELDS[1:]:
+            ctx["writer"].add_scalar(key, row[key], row["epoch"])
+        ctx["writer"].flush()
+        left = (settings.train.epochs - state.epoch) * progress.seconds
+        print(f"epoch {row['epoch']}/{settings.train.epochs}: train loss {row['train_loss']:.4f} "
+              f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.3f} "
+              f"top5 {row['val_top5']:.3f} | {row['images_per_s']:.0f} img/s, {row['seconds']:.0f}s"
+              f"{' *best' if improved else ''} | ETA {_format_eta(left)}", file=sys.stderr)
+    patience = settings.train.patience
+    return bool(patience) and state.bad_epochs >= patience
+
+
+def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -> str:
+    """The epoch loop. Returns "finished", "early-stopped" or "stopped" (resumable)."""
+    t = ctx["settings"].train
+    with StopRequest() as stop:
+        while state.epoch < t.epochs:
+            progress = state.progress or EpochProgress()
+            if progress.step == 0:  # each epoch's dropout/RNG stream depends only on (seed, epoch)
+                torch.manual_seed(t.seed * 7919 + state.epoch)
+            loaders.sampler.set_epoch(state.epoch, skip=progress.step * t.batch_size)
+            progress, interrupted = train_one_epoch(step, loaders.train, progress, stop, state.epoch, t.epochs,
+                                                    t.max_steps, state.global_step, ctx["progress"])
+            if broadcast_flag(interrupted, ctx["info"]):
+                state.progress = progress
+                if ctx["info"].is_main:
+                    save_checkpoint(_checkpoint_state(step, state), ctx["out"] / CHECKPOINT)
+                return "stopped"
+            if _end_of_epoch(step, loaders, state, progress, ctx):
+                print(f"early stop: validation loss has not improved for {t.patience} epochs "
+                      f"(best at epoch {state.best_epoch})", file=sys.stderr)
+                return "early-stopped"
+    return "finished"
+
+
+def _build_step(model: nn.Module, prep: Preprocessing, settings: Settings, runtime: Runtime,
+                steps_per_epoch: int) -> TrainStep:
+    optimizer = _optimizer(model, settings)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.train.label_smoothing)
+    return TrainStep(model, optimizer, _scheduler(optimizer, steps_per_epoch, settings), loss_fn, runtime, prep)
+
+
+def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict | None = None, *,
+          resume: bool = False, settings: Settings | None = None, progress: bool = True,
+          evaluate: bool = True) -> TrainResult:
+    """Train a classifier on ``data`` into the run folder ``out`` (or continue it with ``resume``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    info, out = init_distributed(), Path(out)
+    settings = apply_overrides(settings or Settings(), overrides or {})
+    settings, run_data = _start_run(data, out, settings, resume, info, progress)
+    if settings.train.threads:
+        torch.set_num_threads(settings.train.threads)
+    t, m = settings.train, settings.model
+    runtime = resolve_runtime(t.device, t.precision, t.channels_last, info.local_rank)
+    torch.manual_seed(t.seed)
+    model = create_model(m.model, len(run_data.classes), pretrained=m.pretrained, drop_rate=m.drop_rate)
+    prep = _preprocessing(model, settings, out, run_data, resume, progress and info.is_main)
+    if info.is_main and not resume:
+        _write_run_json(out, preprocessing=prep.to_dict())
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format)
+    loaders = build_loaders(run_data, prep, settings, info, progress)
+    step = _build_step(wrap_model(model, info, runtime.device), prep, settings, runtime, len(loaders.train))
+    state = _restore(step, out) if resume else RunState()
+    if info.is_main:
+        print(f"training {m.model} on {len(loaders.train_dataset)} images, {len(run_data.classes)} classes "
+              f"({runtime.describe()}){f', resuming at epoch {state.epoch + 1}' if resume else ''}",
+              file=sys.stderr)
+    ctx = {"settings": settings, "out": out, "info": info, "run_data": run_data, "progress": progress,
+           "writer": SummaryWriter(str(out / "tensorboard")) if info.is_main else None}
+    started = time.perf_counter()
+    try:
+        status = _run_epochs(step, loaders, state, ctx)
+    except NonFiniteLossError as exc:
+        if info.is_main:
+            _write_run_json(out, status="failed", message=str(exc))
+        raise TrainError(f"{exc}. The best model so far (epoch {state.best_epoch}) is kept.") from None
+    except torch.OutOfMemoryError:
+        raise TrainError(f"out of memory with batch size {t.batch_size}; try --batch-size "
+                         f"{max(1, t.batch_size // 2)}") from None
+    finally:
+        if ctx["writer"] is not None:
+            ctx["writer"].close()
+    return _finish(out, status, state, info, evaluate, progress, time.perf_counter() - started)
+
+
+def _finish(out: Path, status: str, state: RunState, info: Distributed, evaluate: bool, progress: bool,
+            seconds: float) -> TrainResult:
+    result = TrainResult(str(out), "stopped" if status == "stopped" else "finished", state.epoch,
+                         state.best_epoch)
+    if not info.is_main:
+        return result
+    _write_run_json(out, status=result.status, epochs_done=state.epoch, best_epoch=state.best_epoch,
+                    train_seconds=round(seconds, 1))
+    if status == "stopped":
+        print(f"stopped with a checkpoint; continue with: imgclf train --resume {out}", file=sys.stderr)
+    elif evaluate:
+        from imgclf.evaluation.run import evaluate as evaluate_run
+
+        result.metrics = evaluate_run(out, progress=progress)
+    return result
