@@ -30,3 +30,35 @@ def clothing_photos(root: Path, split: str, label: str, n: int) -> list[Path]:
 def pytest_configure(config):
     # Deterministic, quiet runs on small machines.
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's real digit scans as a folder-per-class PNG data set (written once)."""
+    from imgclf.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+def write_manifest(digits: Path, path: Path, per_class: int, classes=range(10)) -> Path:
+    """A CSV manifest over a subset of the digits, paths relative to the CSV."""
+    import os
+
+    rows = ["path,label"]
+    for label in classes:
+        for png in sorted((digits / str(label)).glob("*.png"))[:per_class]:
+            rows.append(f"{os.path.relpath(png, path.parent)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits_dir, tmp_path_factory) -> Path:
+    """A small model trained once on the real digit scans, for tests that need a trained bundle."""
+    from imgclf.training.fit import train
+
+    out = tmp_path_factory.mktemp("digits-run") / "run"
+    overrides = {"model": "cnn3", "image_size": 24, "epochs": 4, "batch_size": 32, "lr": 3e-3,
+                 "augment": "none", "patience": 0}
+    train(str(digits_dir), out, overrides, progress=False)
+    return out

@@ -159,7 +159,8 @@ def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dic
         if not kinds:
             kinds.append("within_class")
         for kind in kinds:
-            duplicates.append({"kind": kind, "sha1": sha1, "paths": [samples[i].path for i in members],
+            duplicates.append({"kind": kind, "sha1": sha1, "paths": [samples[i].name if samples[i].index >= 0
+                                                                       else samples[i].path for i in members],
                                "labels": labels, "splits": splits})
     return duplicates
 
@@ -174,7 +175,8 @@ def audit(scan_result: ScanResult, settings: DataSettings | None = None, progres
     for sample, check in zip(samples, checks):
         if check.error:
             problems.append({"path": sample.name if sample.index >= 0 else sample.path, "reason": check.error})
-        elif min(check.width, check.height) < settings.min_side:
+        elif min(check.width, check.height) < settings.min_side and sample.index < 0:
+            # IDX data sets (MNIST: 28 px) are small by design; the size check is for photos
             problems.append({"path": sample.path, "reason": f"too small ({check.width}x{check.height}, "
                                                             f"under {settings.min_side} px a side)"})
         else:

@@ -52,9 +52,18 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-@functools.lru_cache(maxsize=8)
 def read_idx(path: str) -> np.ndarray:
-    """Parse one IDX file (gzip or raw) into an array, checking the header against the size."""
+    """Parse one IDX file (gzip or raw) into an array, checking the header against the size.
+    Cached per (path, size, mtime): a file replaced on disk is read again."""
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from None
+    return _read_idx_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     try:
         with _open(Path(path)) as handle:
             data = handle.read()

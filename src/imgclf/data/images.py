@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +161,8 @@ def decode_image_bytes(
         raise ImageError(name, _sniff_unsupported(data[:16])) from None
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise ImageError(name, f"not a valid image ({exc})") from None
+    except Exception as exc:  # Pillow's parsers raise many types (TypeError, IndexError...) on bad files
+        raise ImageError(name, f"not a valid image ({type(exc).__name__}: {exc})") from None
     try:
         stored_size = image.size  # read before draft() shrinks it
         if draft_size and image.format == "JPEG":
@@ -178,7 +177,7 @@ def decode_image_bytes(
         text = str(exc)
         reason = "truncated" if "truncated" in text or "broken data stream" in text else f"cannot decode ({text})"
         raise ImageError(name, reason) from None
-    except (ValueError, SyntaxError, EOFError, MemoryError, struct.error) as exc:
+    except Exception as exc:  # e.g. TypeError from a damaged EXIF or TIFF tag: still just a bad file
         raise ImageError(name, f"cannot decode ({type(exc).__name__}: {exc})") from None
 
 

@@ -3,8 +3,8 @@
 As TensorFlow's retrain.py does, a file's split comes from a hash of its relative path (with any
 ``_nohash_`` suffix ignored, so variants of one photo stay together): adding images never moves
 the ones already there. Splits given by the source (split folders, a CSV column) are honoured;
-only files without one are assigned. A class too small to get a val or test image by hash gets
-its lowest-hash training images moved there, so every split sees every class with 3+ images.
+only files without one are assigned. A class with 3+ images that hashing leaves without a train,
+val or test image gets one moved there, so every split sees every such class.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import hashlib
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from imgclf.data.scan import Sample
@@ -46,35 +46,40 @@ def assign_splits(samples: list[Sample], val_fraction: float = 0.1, test_fractio
     given = {s.split for s in samples if s.split}
     wants = {"val": val_fraction if "val" not in given else 0.0,
              "test": test_fraction if "test" not in given else 0.0}
-    result = []
-    for sample in samples:
+    result, movable = [], set()
+    for i, sample in enumerate(samples):
         if sample.split in ("val", "test"):
             result.append(sample)
             continue
-        key = sample.rel or sample.path
-        if sample.index >= 0:
-            key = f"{key}#{sample.index}"
-        split = _split_for(hash_fraction(key), wants["val"], wants["test"])
+        movable.add(i)
+        split = _split_for(hash_fraction(_hash_key(sample)), wants["val"], wants["test"])
         result.append(dataclasses.replace(sample, split=split))
-    return _fill_empty_splits(result, [name for name in ("val", "test") if wants[name] > 0])
+    return _fill_empty_splits(result, [name for name in ("val", "test") if wants[name] > 0], movable)
 
 
-def _fill_empty_splits(samples: list[Sample], carved: list[str]) -> list[Sample]:
-    """Classes with 3+ images but no val (or test) image get their lowest-hash train image moved."""
+def _hash_key(sample: Sample) -> str:
+    key = sample.rel or sample.path
+    return f"{key}#{sample.index}" if sample.index >= 0 else key
+
+
+def _fill_empty_splits(samples: list[Sample], carved: list[str], movable: set[int]) -> list[Sample]:
+    """Classes with 3+ images but an empty train (or carved val/test) split get one image moved
+    there, from the largest other split, lowest hash first; splits the source gave never move."""
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
         by_class[sample.label].append(i)
     samples = list(samples)
-    for label, members in by_class.items():
+    for members in by_class.values():
         if len(members) < 3:
             continue
-        for split in carved:
-            if any(samples[i].split == split for i in members):
+        for split in ("train", *carved):
+            counts = Counter(samples[i].split for i in members)
+            if counts[split]:
                 continue
-            train = sorted((i for i in members if samples[i].split == "train"),
-                           key=lambda i: hash_fraction(samples[i].rel or samples[i].path))
-            if len(train) > 1:
-                samples[train[0]] = dataclasses.replace(samples[train[0]], split=split)
+            donors = [i for i in members if i in movable and counts[samples[i].split] > 1]
+            if donors:
+                i = min(donors, key=lambda j: (-counts[samples[j].split], hash_fraction(_hash_key(samples[j]))))
+                samples[i] = dataclasses.replace(samples[i], split=split)
     return samples
 
 

@@ -49,7 +49,7 @@ class SmallCNN(nn.Module):
             layers += _dense(width, units, batch_norm, dense_dropout)
             width = units
         self.pre_logits = nn.Sequential(*layers)
-        self.num_features = width
+        self.num_features = self.head_hidden_size = width  # timm: width of pre-logits features
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()

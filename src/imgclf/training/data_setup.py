@@ -110,6 +110,12 @@ def _cached_dataset(samples: list[Sample], targets: list[int], prep: Preprocessi
     return [samples[i] for i in keep], [targets[i] for i in keep], [tensors[i] for i in keep]
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    """Loaders draw their worker seeds from this, not from the global RNG: otherwise starting an
+    iterator shifts the dropout stream, and a run resumed mid-epoch would drift from the original."""
+    return torch.Generator().manual_seed(seed)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -135,9 +141,10 @@ def build_loaders(run_data: RunData, prep: Preprocessing, settings: Settings, in
     drop_last = len(train_set) // info.world_size > t.batch_size  # no 1-image batches for batch norm
     train_loader = DataLoader(train_set, t.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate_skip_bad, drop_last=drop_last,
-                              pin_memory=torch.cuda.is_available())
+                              pin_memory=torch.cuda.is_available(), generator=_own_generator(t.seed))
     val_loader = None
     if val_samples:
         val_set = ImageDataset(val_samples, val_targets, prep, False, cache=val_cache)
-        val_loader = DataLoader(val_set, t.batch_size * 2, num_workers=workers, collate_fn=collate_skip_bad)
+        val_loader = DataLoader(val_set, t.batch_size * 2, num_workers=workers, collate_fn=collate_skip_bad,
+                                generator=_own_generator(t.seed))
     return Loaders(train_loader, sampler, val_loader, train_set)

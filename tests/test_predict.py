@@ -1,0 +1,62 @@
+"""Prediction: scikit-learn manners in Python, thousands of files from the CLI, bad files reported."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+
+import imgclf
+from imgclf.cli import main
+
+
+def test_predict_proba_columns_follow_classes(digits_run, digits_dir):
+    clf = imgclf.load(digits_run)
+    files = [str(p) for d in range(10) for p in sorted((digits_dir / str(d)).glob("*.png"))[-3:]]
+    proba = clf.predict_proba(files)
+    assert proba.shape == (30, 10) and np.allclose(proba.sum(1), 1, atol=1e-4)
+    labels = clf.predict(files)
+    assert (labels == clf.classes_[proba.argmax(1)]).all()
+    truth = np.array([f.split("/")[-2] for f in files])
+    assert (labels == truth).mean() > 0.7  # chance is 0.1
+    top5 = clf.predict(files, k=5)
+    assert top5.shape == (30, 5) and (top5[:, 0] == labels).all()
+
+
+def test_predict_accepts_pil_images_and_arrays(digits_run, digits_dir):
+    clf = imgclf.load(digits_run)
+    path = sorted((digits_dir / "7").glob("*.png"))[0]
+    image = Image.open(path)
+    by_path, by_image, by_array = clf.predict_proba([str(path)]), clf.predict_proba(image), \
+        clf.predict_proba([np.asarray(image.convert("RGB"))])
+    assert np.allclose(by_path, by_image, atol=1e-6) and np.allclose(by_path, by_array, atol=1e-6)
+
+
+def test_cli_predict_thousand_files_json_with_a_bad_file(digits_run, digits_dir, tmp_path, capsys):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for png in sorted(digits_dir.glob("*/*.png"))[:1000]:
+        shutil.copy(png, folder / f"{png.parent.name}_{png.name}")
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    assert main(["predict", str(digits_run), str(folder), "--format", "json", "--top-k", "5"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert len(rows) == 1001
+    bad = [r for r in rows if "error" in r]
+    assert [r["path"].rsplit("/", 1)[-1] for r in bad] == ["broken.png"] and bad[0]["error"] == "not an image"
+    assert "broken.png: not an image" in captured.err
+    good = [r for r in rows if "top" in r]
+    assert all(len(r["top"]) == 5 for r in good)
+    right = sum(r["top"][0]["label"] == r["path"].rsplit("/", 1)[-1].split("_")[0] for r in good)
+    assert right / len(good) > 0.7
+
+
+def test_cli_predict_table_and_csv(digits_run, digits_dir, capsys):
+    files = [str(p) for p in sorted(digits_dir.glob("3/*.png"))[:4]]
+    assert main(["predict", str(digits_run), *files, "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(len(line.split("\t")) == 4 for line in lines)
+    assert main(["predict", str(digits_run), *files, "--format", "csv", "--top-k", "2"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0] == "path,error,label1,prob1,label2,prob2" and len(rows) == 5

@@ -1,0 +1,54 @@
+"""Every setting declared once; flags, config files and saved runs all go through it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgclf.cli import build_parser
+from imgclf.settings import Settings, SettingsError, apply_overrides, from_dict, load_settings, section_fields
+
+
+def test_unknown_setting_suggests_the_close_name():
+    with pytest.raises(SettingsError, match="did you mean 'epochs'"):
+        apply_overrides(Settings(), {"epoch": 3})
+
+
+def test_values_are_typed_and_checked():
+    s = apply_overrides(Settings(), {"epochs": "7", "pretrained": "yes", "lr": "0.01"})
+    assert (s.train.epochs, s.model.pretrained, s.train.lr) == (7, True, 0.01)
+    with pytest.raises(SettingsError, match="augment"):
+        apply_overrides(Settings(), {"augment": "medium"})
+    with pytest.raises(SettingsError, match="expected int"):
+        apply_overrides(Settings(), {"epochs": "many"})
+    with pytest.raises(SettingsError, match="leave room"):
+        apply_overrides(Settings(), {"val_fraction": 0.6, "test_fraction": 0.5})
+
+
+def test_defaults_then_config_then_flags(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train": {"epochs": 5, "lr": 0.5}, "image_size": 96}))
+    s = load_settings(config, {"lr": 0.25})
+    assert (s.train.epochs, s.train.lr, s.model.image_size, s.train.batch_size) == (5, 0.25, 96, 64)
+
+
+def test_saved_settings_round_trip():
+    s = apply_overrides(Settings(), {"model": "cnn1", "seed": 9})
+    assert from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_every_setting_is_a_flag_with_its_default_in_help():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for section in ("data", "model", "train"):
+        for spec in section_fields(section):
+            flag = "--" + spec.name.replace("_", "-")
+            assert flag in help_text, flag
+            assert spec.metadata["help"], f"{spec.name} has no help"
+    assert "(default: cnn4)" in help_text
+
+
+def test_flags_override_only_what_is_given():
+    args = build_parser().parse_args(["train", "data", "--epochs", "3", "--no-pretrained"])
+    from imgclf.cli import SECTIONS_FOR, _overrides
+
+    assert _overrides(args, SECTIONS_FOR["train"]) == {"epochs": 3, "pretrained": False}
