@@ -35,6 +35,8 @@ class ModelSettings:
     model: str = setting("cnn4", "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture")
     image_size: int = setting(64, "side of the square image the model sees, in pixels")
     pretrained: bool = setting(False, "start from pretrained weights (needs them on disk or online)")
+    weights: str = setting("", "pretrained weights from this .safetensors file instead of the built-in ones")
+    download: bool = setting(False, "allow downloading pretrained weights from the internet (timm's hub)")
     drop_rate: float = setting(0.0, "dropout before the classifier")
 
 

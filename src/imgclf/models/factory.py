@@ -24,11 +24,22 @@ def check_model_name(name: str) -> None:
                          f"or any name from timm.list_models())")
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False, drop_rate: float = 0.0) -> nn.Module:
-    """A freshly initialised (or pretrained) network with ``num_classes`` outputs."""
+def create_model(name: str, num_classes: int, *, pretrained: bool = False, drop_rate: float = 0.0,
+                 weights: str = "", download: bool = False) -> nn.Module:
+    """A freshly initialised network with ``num_classes`` outputs, or one with pretrained weights
+    (see :mod:`imgclf.models.pretrained`: offline first, the network only when allowed)."""
+    from imgclf.models.pretrained import WeightsError, load_pretrained
+
     check_model_name(name)
+    if pretrained and is_scratch_model(name):
+        raise ModelError(f"{name} is trained from scratch: no pretrained weights exist for it")
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+        if pretrained and load_pretrained(model, name, weights, download) == "hub":
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+        return model
+    except WeightsError as exc:
+        raise ModelError(str(exc)) from None
     except (RuntimeError, OSError, ValueError) as exc:
         if pretrained:
             raise ModelError(f"cannot get pretrained weights for '{name}': {exc}") from None

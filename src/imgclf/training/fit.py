@@ -260,7 +260,8 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
     t, m = settings.train, settings.model
     runtime = resolve_runtime(t.device, t.precision, t.channels_last, info.local_rank)
     torch.manual_seed(t.seed)
-    model = create_model(m.model, len(run_data.classes), pretrained=m.pretrained, drop_rate=m.drop_rate)
+    model = create_model(m.model, len(run_data.classes), pretrained=m.pretrained and not resume,
+                         drop_rate=m.drop_rate, weights=m.weights, download=m.download)
     prep = _preprocessing(model, settings, out, run_data, resume, progress and info.is_main)
     if info.is_main and not resume:
         _write_run_json(out, preprocessing=prep.to_dict())
