@@ -15,8 +15,8 @@ def test_unknown_setting_suggests_the_close_name():
 
 
 def test_values_are_typed_and_checked():
-    s = apply_overrides(Settings(), {"epochs": "7", "pretrained": "yes", "lr": "0.01"})
-    assert (s.train.epochs, s.model.pretrained, s.train.lr) == (7, True, 0.01)
+    s = apply_overrides(Settings(), {"epochs": "7", "download": "yes", "lr": "0.01"})
+    assert (s.train.epochs, s.model.download, s.train.lr) == (7, True, 0.01)
     with pytest.raises(SettingsError, match="augment"):
         apply_overrides(Settings(), {"augment": "medium"})
     with pytest.raises(SettingsError, match="expected int"):
@@ -44,11 +44,11 @@ def test_every_setting_is_a_flag_with_its_default_in_help():
             flag = "--" + spec.name.replace("_", "-")
             assert flag in help_text, flag
             assert spec.metadata["help"], f"{spec.name} has no help"
-    assert "(default: cnn4)" in help_text
+    assert "(default: tf_efficientnet_lite0)" in " ".join(help_text.split())  # argparse wraps lines
 
 
 def test_flags_override_only_what_is_given():
-    args = build_parser().parse_args(["train", "data", "--epochs", "3", "--no-pretrained"])
+    args = build_parser().parse_args(["train", "data", "--epochs", "3", "--no-download"])
     from imgclf.cli import SECTIONS_FOR, _overrides
 
-    assert _overrides(args, SECTIONS_FOR["train"]) == {"epochs": 3, "pretrained": False}
+    assert _overrides(args, SECTIONS_FOR["train"]) == {"epochs": 3, "download": False}

@@ -140,6 +140,9 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
     try:
         model = create_model(meta["architecture"], len(meta["classes"]),
                              drop_rate=float(meta.get("settings", {}).get("model", {}).get("drop_rate", 0.0)))
+        from imgclf.training.transfer import install_saved_head
+
+        install_saved_head(model, meta)
         model.load_state_dict(state, strict=True)
     except (ModelError, RuntimeError) as exc:
         raise BundleError(f"{folder}: weights do not fit {meta['architecture']} ({exc})") from None

@@ -18,11 +18,13 @@ from imgclf.settings import Settings, section_fields
 SECTIONS_FOR = {"check": ("data",), "train": ("data", "model", "train"), "predict": ("predict",)}
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
     """One flag per setting; flags that are not given leave the setting to the config/defaults."""
     for section in sections:
         group = parser.add_argument_group(f"{section} settings")
         for spec in section_fields(section):
+            if spec.name in skip:
+                continue
             flag = "--" + spec.name.replace("_", "-")
             help_text = f"{spec.metadata['help']} (default: {spec.default})"
             if isinstance(spec.default, bool):
@@ -54,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
     _add_setting_flags(p, SECTIONS_FOR["train"])
+
+    p = sub.add_parser("compare", help="train several models on the same split and keep the best by validation")
+    p.add_argument("data", help="folder of class folders, split folders, a CSV manifest or IDX files")
+    p.add_argument("--models", required=True,
+                   help="comma-separated MODEL[:MODE] candidates, e.g. cnn3,cnn4,tf_efficientnet_lite0:head")
+    p.add_argument("--per-class", dest="per_class_sizes", default="",
+                   help="comma-separated photos-per-class sizes to train each candidate at (plots accuracy vs N)")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and the leaderboard")
+    _add_setting_flags(p, SECTIONS_FOR["train"], skip=("model", "mode", "per_class"))
 
     p = sub.add_parser("evaluate", help="evaluate a run on its test split (or on other labelled data)")
     p.add_argument("run_dir")
@@ -137,6 +148,13 @@ def _run(args: argparse.Namespace) -> int:
         else:
             result = imgclf.train(args.data, args.out, settings=load_settings(args.config, overrides))
         return 0 if result.status == "finished" else 3
+    if args.command == "compare":
+        from imgclf.compare import compare
+
+        sizes = [int(n) for n in args.per_class_sizes.split(",") if n.strip()]
+        compare(args.data, [m for m in args.models.split(",") if m.strip()], args.out,
+                _overrides(args, SECTIONS_FOR["train"]), sizes)
+        return 0
     if args.command == "evaluate":
         imgclf.evaluate(args.run_dir, args.data)
         return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from imgclf.bundle import Bundle, load_bundle
+from imgclf.data.dataset import prefetch_batches
 from imgclf.data.images import ImageError, load_image, to_rgb
 from imgclf.data.transforms import eval_tensor
 from imgclf.training.hardware import resolve_runtime
@@ -63,9 +63,12 @@ class Classifier:
             image = load_image(item, draft_size=self.preprocessing.resize_size)
         return eval_tensor(image, self.preprocessing)
 
-    @torch.no_grad()
     def _proba_of_tensors(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        batch = torch.stack(tensors)
+        return self._proba_of_batch(torch.stack(tensors))
+
+    @torch.no_grad()
+    def _proba_of_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 NCHW batch -> probabilities (temperature-scaled when the bundle has one)."""
         with self.runtime.autocast():
             logits = self.model(model_input(batch, self.runtime, self.preprocessing))
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
@@ -89,44 +92,36 @@ class Classifier:
 
     def predict_files(self, paths: Iterable[str], k: int = 5, progress: bool = False,
                       workers: int | None = None) -> Iterator[FilePrediction]:
-        """Top-k for many files, in order, decoding the next batch while this one runs.
+        """Top-k for many files, in order, decoding the next batches while this one runs.
 
         A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
-        Memory stays bounded: at most two batches are decoded ahead.
+        Memory stays bounded: at most three batches are decoded at a time.
         """
         from tqdm import tqdm
 
         paths = list(paths)
         k = min(k, len(self.classes_))
-        bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+        errors: dict[int, str] = {}
 
-        def decode(path: str):
+        def decode(index: int) -> torch.Tensor | None:
             try:
-                return self._tensor(path), ""
+                return self._tensor(paths[index])
             except ImageError as exc:
-                return None, exc.reason
+                errors[index] = exc.reason
+                return None
 
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            chunks = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
-            pending = [pool.map(decode, chunk) for chunk in chunks[:2]]
-            for index, chunk in enumerate(chunks):
-                decoded = list(pending.pop(0))
-                if index + 2 < len(chunks):
-                    pending.append(pool.map(decode, chunks[index + 2]))
-                yield from self._chunk_predictions(chunk, decoded, k)
+        with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
+            for chunk, good, batch in prefetch_batches(len(paths), decode, self.batch_size, workers):
+                proba = self._proba_of_batch(batch) if batch is not None else None
+                rows = dict(zip(good, proba)) if proba is not None else {}
+                for index in chunk:
+                    if index not in rows:
+                        yield FilePrediction(paths[index], error=errors.pop(index, "cannot decode"))
+                        continue
+                    order = np.argsort(-rows[index])[:k]
+                    yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
+                                         [float(rows[index][j]) for j in order])
                 bar.update(len(chunk))
-        bar.close()
-
-    def _chunk_predictions(self, chunk: list[str], decoded: list, k: int) -> Iterator[FilePrediction]:
-        good = [i for i, (tensor, _) in enumerate(decoded) if tensor is not None]
-        proba = self._proba_of_tensors([decoded[i][0] for i in good]) if good else None
-        rows = {i: row for i, row in zip(good, proba)} if proba is not None else {}
-        for i, path in enumerate(chunk):
-            if i not in rows:
-                yield FilePrediction(path, error=decoded[i][1])
-                continue
-            order = np.argsort(-rows[i])[:k]
-            yield FilePrediction(path, [str(self.classes_[j]) for j in order], [float(rows[i][j]) for j in order])
 
 
 def load(path: str | os.PathLike, device: str = "auto", precision: str = "auto", batch_size: int = 64) -> Classifier:

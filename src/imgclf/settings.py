@@ -28,13 +28,17 @@ class DataSettings:
     min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit")
     max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs")
     audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)")
+    per_class: int = setting(0, "train on at most this many images per class (stratified, seeded; 0: all)")
 
 
 @dataclass
 class ModelSettings:
-    model: str = setting("cnn4", "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture")
-    image_size: int = setting(64, "side of the square image the model sees, in pixels")
-    pretrained: bool = setting(False, "start from pretrained weights (needs them on disk or online)")
+    model: str = setting("tf_efficientnet_lite0",
+                         "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture")
+    image_size: int = setting(0, "side of the square model input in pixels (0: the model's own, 64 for ours)")
+    pretrained: str = setting("auto", "start from pretrained weights; auto: when the model has weights at hand",
+                              choices=("auto", "on", "off"))
+    head_hidden: int = setting(0, "classifier head for transfer: 0 linear, N an MLP with N hidden units")
     weights: str = setting("", "pretrained weights from this .safetensors file instead of the built-in ones")
     download: bool = setting(False, "allow downloading pretrained weights from the internet (timm's hub)")
     drop_rate: float = setting(0.0, "dropout before the classifier")
@@ -42,7 +46,17 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings:
+    mode: str = setting("auto", "head: train a head on cached frozen features; finetune: head, then all "
+                        "layers; full: all layers from the start; auto: chosen from model, data and hardware",
+                        choices=("auto", "head", "finetune", "full"))
     epochs: int = setting(30, "maximum number of passes over the training images")
+    finetune_epochs: int = setting(4, "epochs of training all layers after the head, in finetune mode")
+    backbone_lr_scale: float = setting(0.1, "learning rate of pretrained layers relative to the head's (finetune)")
+    freeze_stride: int = setting(8, "finetune: keep frozen the early layers up to this output stride "
+                                 "(0: train all; 8 skips most of the compute at full resolution)")
+    distortions: int = setting(0, "augmented views per training image added to the cached features (head)")
+    class_weights: str = setting("auto", "weight the loss by inverse class frequency; auto: when the "
+                                 "imbalance ratio is 3 or more", choices=("auto", "on", "off"))
     batch_size: int = setting(64, "images per optimisation step")
     lr: float = setting(2e-3, "peak learning rate of AdamW")
     weight_decay: float = setting(0.05, "AdamW weight decay")
@@ -148,8 +162,8 @@ def validate(settings: Settings) -> None:
     d, m, t = settings.data, settings.model, settings.train
     if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
         raise SettingsError("val_fraction and test_fraction must be in [0, 1) and leave room for training")
-    if m.image_size < 8:
-        raise SettingsError(f"image_size {m.image_size} is too small (8 pixels at least)")
+    if m.image_size and m.image_size < 8:
+        raise SettingsError(f"image_size {m.image_size} is too small (8 pixels at least, or 0 for the model's own)")
     if t.epochs < 1 or t.batch_size < 1:
         raise SettingsError("epochs and batch_size must be at least 1")
     if t.lr <= 0:

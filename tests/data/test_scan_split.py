@@ -427,3 +427,20 @@ def test_split_csv_round_trip(tmp_path):
     back = read_split_csv(tmp_path / "split.csv")
     assert [(s.path, s.label, s.split, s.index) for s in back] == \
            [(s.path, s.label, s.split, s.index) for s in samples]
+
+
+def test_limit_per_class_is_stratified_seeded_and_nested():
+    from imgclf.data.scan import Sample
+    from imgclf.data.split import limit_per_class
+
+    samples = [Sample(f"/d/{c}/{i}.jpg", c, "train", f"{c}/{i}.jpg") for c in "abc" for i in range(40)]
+    samples += [Sample(f"/d/a/v{i}.jpg", "a", "val", f"a/v{i}.jpg") for i in range(5)]
+    ten = limit_per_class(samples, 10, seed=1)
+    from collections import Counter
+
+    assert Counter(s.label for s in ten if s.split == "train") == {"a": 10, "b": 10, "c": 10}
+    assert sum(s.split == "val" for s in ten) == 5  # val and test are never reduced
+    assert limit_per_class(samples, 10, seed=1) == ten
+    twenty = limit_per_class(samples, 20, seed=1)
+    assert {s.path for s in ten} <= {s.path for s in twenty}  # more photos keep the fewer ones
+    assert {s.path for s in limit_per_class(samples, 10, seed=2)} != {s.path for s in ten}

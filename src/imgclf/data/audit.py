@@ -140,6 +140,11 @@ def check_files(samples: list[Sample], settings: DataSettings, source: str,
     return results  # type: ignore[return-value]
 
 
+def content_hashes(samples: list[Sample], settings: DataSettings, source: str) -> list[str]:
+    """SHA-1 of each sample's bytes, from the audit cache (computed for files not seen before)."""
+    return [check.sha1 for check in check_files(samples, settings, source, progress=False)]
+
+
 def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dict]:
     groups: dict[str, list[int]] = defaultdict(list)
     for i, check in enumerate(checks):

@@ -83,6 +83,22 @@ def _fill_empty_splits(samples: list[Sample], carved: list[str], movable: set[in
     return samples
 
 
+def limit_per_class(samples: list[Sample], per_class: int, seed: int) -> list[Sample]:
+    """Keep at most ``per_class`` training images of each class (val and test untouched), chosen
+    by a seeded hash so the same seed picks the same photos, and a larger N keeps the smaller N's."""
+    if per_class <= 0:
+        return samples
+    by_class: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        if sample.split == "train":
+            by_class[sample.label].append(sample)
+    keep = set()
+    for members in by_class.values():
+        ranked = sorted(members, key=lambda s: hash_fraction(f"{seed}:{_hash_key(s)}"))
+        keep.update(id(s) for s in ranked[:per_class])
+    return [s for s in samples if s.split != "train" or id(s) in keep]
+
+
 def write_split_csv(samples: list[Sample], path: str | Path) -> None:
     """The split used, one row per image: ``path,label,split,index``."""
     with open(path, "w", newline="", encoding="utf-8") as handle:

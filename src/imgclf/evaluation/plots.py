@@ -143,3 +143,43 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI)
     return path
+
+
+def plot_leaderboard(rows: list[dict], path: str | Path) -> Path:
+    """Horizontal bars of validation and test top-1 per candidate, best (by validation) on top."""
+    labels = [f"{r['candidate']}" + (f" (n={r['per_class']})" if r["per_class"] != "all" else "") for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
+    try:
+        ax.barh(y - 0.2, [100 * r["val_top1"] for r in rows], height=0.4, label="validation top-1")
+        ax.barh(y + 0.2, [100 * r["test_top1"] for r in rows], height=0.4, label="test top-1")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("top-1 accuracy (%)")
+        ax.legend(loc="lower right")
+        ax.set_title("Candidates, ranked by validation top-1")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_accuracy_vs_n(rows: list[dict], path: str | Path) -> Path:
+    """Test top-1 against training photos per class, one line per candidate."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for candidate in dict.fromkeys(r["candidate"] for r in rows):
+            points = sorted((r["per_class"], r["test_top1"]) for r in rows
+                            if r["candidate"] == candidate and r["per_class"] != "all")
+            ax.plot([n for n, _ in points], [100 * a for _, a in points], marker="o", label=candidate)
+        ax.set_xscale("log")
+        ax.set_xlabel("training photos per class")
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.set_title("How many photos do I need?")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

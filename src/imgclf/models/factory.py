@@ -62,3 +62,63 @@ def preprocessing_for(model: nn.Module, name: str, image_size: int,
     config = timm.data.resolve_data_config({}, model=model)
     return Preprocessing(image_size, tuple(config["mean"]), tuple(config["std"]),
                          config.get("interpolation", "bicubic"), float(config.get("crop_pct", 0.875)))
+
+
+def resolve_pretrained(setting: str, name: str, weights: str = "", download: bool = False) -> bool:
+    """``auto``: pretrained whenever weights are at hand (built in, a local file, or download allowed)."""
+    from imgclf.models.pretrained import lite_weights_file
+
+    if setting != "auto":
+        return setting == "on"
+    return not is_scratch_model(name) and bool(weights or lite_weights_file(name) or download)
+
+
+def resolve_image_size(setting: int, name: str, model: nn.Module) -> int:
+    """0 means the model's own input size (its pretrained config), or 64 px for our small CNNs."""
+    if setting:
+        return setting
+    if is_scratch_model(name):
+        return 64
+    return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the final classifier layer (timm records it in the pretrained config)."""
+    return getattr(model, "pretrained_cfg", {}).get("classifier", "fc") if not is_small(model) else "fc"
+
+
+def is_small(model: nn.Module) -> bool:
+    from imgclf.models.small_cnns import SmallCNN
+
+    return isinstance(model, SmallCNN)
+
+
+def set_classifier(model: nn.Module, head: nn.Module) -> None:
+    """Replace the final classifier layer with ``head`` (a Linear or a small MLP)."""
+    parent_name, _, leaf = classifier_name(model).rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, head)
+
+
+def freeze_early_layers(model: nn.Module, max_reduction: int) -> int:
+    """Freeze every parameter up to and including the deepest stage whose output stride is at most
+    ``max_reduction`` (timm's ``feature_info``). Early stages hold few weights but, at full
+    resolution, most of the compute: freezing them makes fine-tuning much cheaper on a CPU, and
+    their generic edge/texture filters need no retraining. Returns the number of frozen tensors."""
+    info = getattr(model, "feature_info", None)
+    if not max_reduction or not info:
+        return 0
+    info = info.info if hasattr(info, "info") else info
+    stages = [entry["module"] for entry in info if entry["reduction"] <= max_reduction]
+    if not stages:
+        return 0
+    last = stages[-1] + "."
+    names = [name for name, _ in model.named_parameters()]
+    ends = [i for i, name in enumerate(names) if name.startswith(last)]
+    if not ends:
+        return 0
+    frozen = 0
+    for name, param in list(model.named_parameters())[: ends[-1] + 1]:
+        param.requires_grad_(False)
+        frozen += 1
+    return frozen

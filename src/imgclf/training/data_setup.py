@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from imgclf.data.audit import audit, format_report
 from imgclf.data.dataset import EpochSampler, ImageDataset, collate_skip_bad, decode_all
 from imgclf.data.scan import DataError, Sample, scan
-from imgclf.data.split import assign_splits, read_split_csv, write_split_csv
+from imgclf.data.split import assign_splits, limit_per_class, read_split_csv, write_split_csv
 from imgclf.data.transforms import Preprocessing, eval_tensor, train_augmentation, train_cache_tensor
 from imgclf.settings import Settings
 from imgclf.training.distributed import Distributed
@@ -65,6 +65,7 @@ def prepare_data(data: str, settings: Settings, out: Path, info: Distributed, pr
             print(f"warning: {len(leaks)} duplicate image(s) across splits or labels (see audit.json)",
                   file=sys.stderr)
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
+    samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
     classes = validate_for_training(samples)
     if info.is_main:
         write_split_csv(samples, out / "split.csv")

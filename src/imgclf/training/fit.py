@@ -20,12 +20,15 @@ from torch import nn
 
 from imgclf.bundle import save_bundle
 from imgclf.data.transforms import Preprocessing, measure_mean_std
-from imgclf.models.factory import create_model, is_scratch_model, preprocessing_for
+from imgclf.models.factory import (classifier_name, create_model, freeze_early_layers, is_scratch_model,
+                                   preprocessing_for, resolve_image_size, resolve_pretrained)
 from imgclf.settings import Settings, apply_overrides, from_dict
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.data_setup import Loaders, RunData, build_loaders, prepare_data, reload_data
 from imgclf.training.distributed import Distributed, broadcast_flag, init_distributed, unwrap, wrap_model
 from imgclf.training.hardware import Runtime, resolve_runtime
+from imgclf.training.head import HeadFit, class_weights
+from imgclf.training.transfer import fit_transfer_head, install_saved_head, resolve_mode, use_class_weights
 from imgclf.training.loop import (EpochProgress, NonFiniteLossError, StopRequest, TrainStep, evaluate_logits,
                                summarize_logits, train_one_epoch)
 
@@ -110,17 +113,28 @@ def _preprocessing(model: nn.Module, settings: Settings, out: Path, run_data: Ru
 
 
 def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": settings.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.train.lr)
+    """AdamW; no weight decay on biases and normalisation weights (1-D parameters). In finetune
+    mode the pretrained layers learn ``backbone_lr_scale`` times slower than the new head."""
+    t = settings.train
+    head_prefix = classifier_name(unwrap(model)) + "."
+    groups = []
+    for is_head in (False, True):
+        scale = 1.0 if is_head or t.mode != "finetune" else t.backbone_lr_scale
+        params = [(n, p) for n, p in unwrap(model).named_parameters()
+                  if p.requires_grad and n.startswith(head_prefix) == is_head]
+        groups += [{"params": [p for _, p in params if p.ndim > 1], "weight_decay": t.weight_decay,
+                    "lr": t.lr * scale},
+                   {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
+
+
+def loop_epochs(settings: Settings) -> int:
+    return settings.train.finetune_epochs if settings.train.mode == "finetune" else settings.train.epochs
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, settings: Settings):
     """Linear warm-up, then cosine decay to 1% of the peak, stepped every optimisation step."""
-    total = max(1, settings.train.epochs * steps_per_epoch)
+    total = max(1, loop_epochs(settings) * steps_per_epoch)
     warmup = min(total - 1, int(settings.train.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
@@ -163,9 +177,17 @@ def _write_history(out: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def _bundle_meta(settings: Settings, run_data: RunData, prep: Preprocessing, state: RunState, row: dict) -> dict:
+def _head_info(model: nn.Module, settings: Settings) -> dict:
+    """Shape of the classifier head, so a bundle can rebuild an MLP head before loading weights."""
+    model = unwrap(model)
+    return {"hidden": settings.model.head_hidden,
+            "in_features": int(getattr(model, "head_hidden_size", None) or model.num_features)}
+
+
+def _bundle_meta(settings: Settings, run_data: RunData, prep: Preprocessing, model: nn.Module, row: dict) -> dict:
     depth = max(label.count(" > ") + 1 for label in run_data.classes)
-    return {"architecture": settings.model.model, "classes": run_data.classes,
+    return {"architecture": settings.model.model, "classes": run_data.classes, "mode": settings.train.mode,
+            "head": _head_info(model, settings),
             "hierarchy": {"separator": " > ", "depth": depth} if depth > 1 else None,
             "preprocessing": prep.to_dict(), "settings": settings.to_dict(),
             "epoch": row["epoch"], "metrics": {"val_loss": row["val_loss"], "val_top1": row["val_top1"],
@@ -197,7 +219,7 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
     if improved:
         state.best_loss, state.best_epoch, state.bad_epochs = score, row["epoch"], 0
         if info.is_main:
-            save_bundle(out, unwrap(step.model), _bundle_meta(settings, ctx["run_data"], step.prep, state, row))
+            save_bundle(out, unwrap(step.model), _bundle_meta(settings, ctx["run_data"], step.prep, step.model, row))
     else:
         state.bad_epochs += 1
     state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
@@ -207,25 +229,25 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
         for key in HISTORY_FIELDS[1:]:
             ctx["writer"].add_scalar(key, row[key], row["epoch"])
         ctx["writer"].flush()
-        left = (settings.train.epochs - state.epoch) * progress.seconds
-        print(f"epoch {row['epoch']}/{settings.train.epochs}: train loss {row['train_loss']:.4f} "
+        left = (loop_epochs(settings) - state.epoch) * progress.seconds
+        print(f"epoch {row['epoch']}/{loop_epochs(settings)}: train loss {row['train_loss']:.4f} "
               f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.3f} "
               f"top5 {row['val_top5']:.3f} | {row['images_per_s']:.0f} img/s, {row['seconds']:.0f}s"
               f"{' *best' if improved else ''} | ETA {_format_eta(left)}", file=sys.stderr)
     patience = settings.train.patience
-    return bool(patience) and state.bad_epochs >= patience
+    return bool(patience) and state.bad_epochs >= patience and settings.train.mode != "finetune"
 
 
 def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -> str:
     """The epoch loop. Returns "finished", "early-stopped" or "stopped" (resumable)."""
-    t = ctx["settings"].train
+    t, epochs = ctx["settings"].train, loop_epochs(ctx["settings"])
     with StopRequest() as stop:
-        while state.epoch < t.epochs:
+        while state.epoch < epochs:
             progress = state.progress or EpochProgress()
             if progress.step == 0:  # each epoch's dropout/RNG stream depends only on (seed, epoch)
                 torch.manual_seed(t.seed * 7919 + state.epoch)
             loaders.sampler.set_epoch(state.epoch, skip=progress.step * t.batch_size)
-            progress, interrupted = train_one_epoch(step, loaders.train, progress, stop, state.epoch, t.epochs,
+            progress, interrupted = train_one_epoch(step, loaders.train, progress, stop, state.epoch, epochs,
                                                     t.max_steps, state.global_step, ctx["progress"])
             if broadcast_flag(interrupted, ctx["info"]):
                 state.progress = progress
@@ -240,10 +262,16 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
 
 
 def _build_step(model: nn.Module, prep: Preprocessing, settings: Settings, runtime: Runtime,
-                steps_per_epoch: int) -> TrainStep:
+                loaders: Loaders, num_classes: int) -> TrainStep:
     optimizer = _optimizer(model, settings)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.train.label_smoothing)
-    return TrainStep(model, optimizer, _scheduler(optimizer, steps_per_epoch, settings), loss_fn, runtime, prep)
+    targets = torch.tensor(loaders.train_dataset.targets, dtype=torch.long)
+    weights = None
+    if use_class_weights(settings.train.class_weights, targets, num_classes):
+        weights = class_weights(targets, num_classes).to(runtime.device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.train.label_smoothing)
+    scheduler = _scheduler(optimizer, len(loaders.train), settings)
+    return TrainStep(model, optimizer, scheduler, loss_fn, runtime, prep,
+                     frozen_bn=settings.train.mode == "finetune")
 
 
 def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict | None = None, *,
@@ -260,19 +288,36 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
     t, m = settings.train, settings.model
     runtime = resolve_runtime(t.device, t.precision, t.channels_last, info.local_rank)
     torch.manual_seed(t.seed)
-    model = create_model(m.model, len(run_data.classes), pretrained=m.pretrained and not resume,
+    pretrained = resolve_pretrained(m.pretrained, m.model, m.weights, m.download)
+    model = create_model(m.model, len(run_data.classes), pretrained=pretrained and not resume,
                          drop_rate=m.drop_rate, weights=m.weights, download=m.download)
+    if resume:
+        install_saved_head(model, json.loads((out / "run.json").read_text()))
+    else:
+        settings = _resolve(settings, model, pretrained, runtime, run_data, out, info)
+    t, m = settings.train, settings.model
     prep = _preprocessing(model, settings, out, run_data, resume, progress and info.is_main)
     if info.is_main and not resume:
         _write_run_json(out, preprocessing=prep.to_dict())
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format)
+    if t.mode in ("head", "finetune") and not resume:
+        fit = fit_transfer_head(model, run_data, settings, prep, runtime, _source(out), progress and info.is_main)
+        if info.is_main:
+            _write_run_json(out, head=_head_info(model, settings))
+        if t.mode == "head":
+            return _finish_head(out, model, fit, settings, run_data, prep, evaluate, progress)
+    if t.mode == "finetune":
+        frozen = freeze_early_layers(model, t.freeze_stride)
+        if info.is_main and frozen:
+            print(f"finetune: {frozen} parameter tensors up to stride {t.freeze_stride} stay frozen", file=sys.stderr)
     loaders = build_loaders(run_data, prep, settings, info, progress)
-    step = _build_step(wrap_model(model, info, runtime.device), prep, settings, runtime, len(loaders.train))
+    step = _build_step(wrap_model(model, info, runtime.device), prep, settings, runtime, loaders,
+                       len(run_data.classes))
     state = _restore(step, out) if resume else RunState()
     if info.is_main:
-        print(f"training {m.model} on {len(loaders.train_dataset)} images, {len(run_data.classes)} classes "
-              f"({runtime.describe()}){f', resuming at epoch {state.epoch + 1}' if resume else ''}",
+        print(f"training {m.model} ({t.mode}) on {len(loaders.train_dataset)} images, {len(run_data.classes)} "
+              f"classes ({runtime.describe()}){f', resuming at epoch {state.epoch + 1}' if resume else ''}",
               file=sys.stderr)
     ctx = {"settings": settings, "out": out, "info": info, "run_data": run_data, "progress": progress,
            "writer": SummaryWriter(str(out / "tensorboard")) if info.is_main else None}
@@ -307,3 +352,32 @@ def _finish(out: Path, status: str, state: RunState, info: Distributed, evaluate
 
         result.metrics = evaluate_run(out, progress=progress)
     return result
+
+
+def _source(out: Path) -> str:
+    return json.loads((out / "run.json").read_text(encoding="utf-8"))["data"]
+
+
+def _resolve(settings: Settings, model: nn.Module, pretrained: bool, runtime: Runtime, run_data: RunData,
+             out: Path, info: Distributed) -> Settings:
+    """Turn every "auto" into what this run uses, say why, and save the resolved settings."""
+    m = settings.model
+    mode, why = resolve_mode(settings, pretrained, runtime, len(run_data.split("train")))
+    resolved = apply_overrides(settings, {"pretrained": "on" if pretrained else "off", "mode": mode,
+                                          "image_size": resolve_image_size(m.image_size, m.model, model)})
+    if info.is_main:
+        print(f"mode: {mode} ({why})", file=sys.stderr)
+        resolved.dump(out / "settings.json")
+    return resolved
+
+
+def _finish_head(out: Path, model: nn.Module, fit: HeadFit, settings: Settings, run_data: RunData,
+                 prep: Preprocessing, evaluate: bool, progress: bool) -> TrainResult:
+    """Head mode: the fitted head is the model. Save it like any trained epoch, then evaluate."""
+    row = {"epoch": 1, "train_loss": round(fit.train_loss, 5), "train_acc": round(fit.train_acc, 5),
+           "val_loss": round(fit.val_loss, 5), "val_top1": round(fit.val_top1, 5), "val_top5": math.nan,
+           "lr": math.nan, "seconds": math.nan, "images_per_s": math.nan}
+    save_bundle(out, model.cpu(), _bundle_meta(settings, run_data, prep, model, row))
+    _write_history(out, [row])
+    state = RunState(epoch=1, best_epoch=1, history=[row])
+    return _finish(out, "finished", state, Distributed(), evaluate, progress, 0.0)

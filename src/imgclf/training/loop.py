@@ -5,7 +5,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ class TrainStep:
     loss_fn: nn.Module
     runtime: Runtime
     prep: Preprocessing
-    extra: dict = field(default_factory=dict)
+    frozen_bn: bool = False  # keep batch-norm statistics as pretrained (finetune on small data)
 
 
 def model_input(batch: torch.Tensor, runtime: Runtime, prep: Preprocessing) -> torch.Tensor:
@@ -86,6 +86,10 @@ def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: Stop
     """Train over ``loader`` from ``progress.step`` on. Returns the totals and whether the epoch
     ended early (a stop was requested or ``max_steps`` reached)."""
     step.model.train()
+    if step.frozen_bn:
+        for module in step.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                disable=not show, file=sys.stderr, leave=False)
     started = time.perf_counter()

@@ -1,0 +1,119 @@
+"""``compare``: train several candidates on the same split and seed, and keep the best by
+validation top-1 (never by test, which stays an honest estimate of the chosen model).
+
+A candidate is ``MODEL[:MODE]``, e.g. ``cnn4`` or ``tf_efficientnet_lite0:head``. With
+``per_class`` sizes, every candidate is trained at each size and accuracy is drawn against the
+number of photos per class ("how many photos do I need?").
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from imgclf.settings import Settings, apply_overrides
+from imgclf.training.fit import train
+
+COLUMNS = ("candidate", "per_class", "mode", "val_top1", "test_top1", "test_top5", "train_seconds",
+           "train_images_per_s", "parameters", "size_mb", "run_dir")
+
+
+@dataclass
+class Leaderboard:
+    rows: list[dict]
+    best: dict
+    out: Path
+
+
+def parse_candidate(spec: str) -> dict:
+    model, _, mode = spec.strip().partition(":")
+    if not model:
+        raise ValueError(f"empty candidate in '{spec}'")
+    return {"model": model, "mode": mode or "auto"}
+
+
+def _parameters(bundle: Path) -> int:
+    with safe_open(str(bundle / "model.safetensors"), framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys()
+                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+def _row(spec: str, per_class: int, run_dir: Path, seconds: float) -> dict:
+    meta = json.loads((run_dir / "model.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "history.csv", newline="") as handle:
+        speeds = [float(r["images_per_s"]) for r in csv.DictReader(handle) if r["images_per_s"] not in ("", "nan")]
+    return {"candidate": spec, "per_class": per_class or "all", "mode": meta.get("mode", ""),
+            "val_top1": meta["metrics"]["val_top1"], "test_top1": metrics["top1"], "test_top5": metrics["top5"],
+            "train_seconds": round(seconds, 1),
+            "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else float("nan"),
+            "parameters": _parameters(run_dir),
+            "size_mb": round((run_dir / "model.safetensors").stat().st_size / 2**20, 2), "run_dir": str(run_dir)}
+
+
+def compare(data: str, candidates: list[str], out: str | Path, overrides: dict | None = None,
+            per_class: list[int] | None = None, progress: bool = True) -> Leaderboard:
+    """Train every candidate (at every ``per_class`` size) into ``out/<name>/`` and rank them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    apply_overrides(Settings(), overrides or {})  # refuse bad settings before any training
+    rows = []
+    for size in per_class or [0]:
+        for spec in candidates:
+            run_dir = out / (spec.replace(":", "-") + (f"-n{size}" if size else ""))
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            print(f"\n== {spec}{f' with {size} photos per class' if size else ''} ==", file=sys.stderr)
+            started = time.perf_counter()
+            train(data, run_dir, {**(overrides or {}), **parse_candidate(spec), "per_class": size},
+                  progress=progress)
+            rows.append(_row(spec, size, run_dir, time.perf_counter() - started))
+    largest = [r for r in rows if r["per_class"] == (per_class[-1] if per_class else "all")]
+    best = max(largest, key=lambda r: (r["val_top1"], -r["train_seconds"]))
+    _keep_best(best, out)
+    _write(rows, best, out, bool(per_class))
+    print(f"best by validation top-1: {best['candidate']} (val {best['val_top1']:.3f}, test "
+          f"{best['test_top1']:.3f}); its bundle is in {out / 'best'}", file=sys.stderr)
+    return Leaderboard(rows, best, out)
+
+
+def _keep_best(best: dict, out: Path) -> None:
+    target = out / "best"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for name in ("model.safetensors", "model.json", "metrics.json", "report.md", "confusion.png", "curves.png"):
+        source = Path(best["run_dir"]) / name
+        if source.exists():
+            shutil.copy2(source, target / name)
+
+
+def _write(rows: list[dict], best: dict, out: Path, few_shot: bool) -> None:
+    from imgclf.evaluation.plots import plot_accuracy_vs_n, plot_leaderboard
+
+    ranked = sorted(rows, key=lambda r: -r["val_top1"])
+    (out / "leaderboard.json").write_text(json.dumps({"best": best, "rows": ranked}, indent=2) + "\n")
+    with open(out / "leaderboard.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(ranked)
+    lines = ["# Leaderboard", "", f"Best by validation top-1: **{best['candidate']}** (bundle in `best/`).", "",
+             "| candidate | photos/class | mode | val top-1 | test top-1 | test top-5 | train s | train img/s "
+             "| parameters | size MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ranked:
+        lines.append(f"| {r['candidate']} | {r['per_class']} | {r['mode']} | {100 * r['val_top1']:.1f}% | "
+                     f"{100 * r['test_top1']:.1f}% | {100 * r['test_top5']:.1f}% | {r['train_seconds']:.0f} | "
+                     f"{r['train_images_per_s']} | {r['parameters']:,} | {r['size_mb']} |")
+    plot_leaderboard(ranked, out / "leaderboard.png")
+    lines += ["", "![leaderboard](leaderboard.png)"]
+    if few_shot:
+        plot_accuracy_vs_n(rows, out / "accuracy_vs_photos.png")
+        lines += ["", "![test top-1 against photos per class](accuracy_vs_photos.png)"]
+    (out / "leaderboard.md").write_text("\n".join(lines) + "\n")

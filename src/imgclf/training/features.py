@@ -1,0 +1,111 @@
+"""Frozen-backbone features, computed once and cached on disk.
+
+The cache is keyed by the file's content hash, the model, its weights and the preprocessing, so a
+second run, a new head, or the same photos under another name cost nothing. Feature extraction is
+inference, run on the fastest path the machine has (channels_last + bf16 autocast where the CPU
+has AMX/AVX-512-BF16, detected). View 0 is the centre crop; views 1..K are seeded augmentations
+("distortions" in TensorFlow's retrain.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from imgclf.data.audit import cache_dir
+from imgclf.data.dataset import open_sample, prefetch_batches
+from imgclf.data.images import ImageError
+from imgclf.data.scan import Sample
+from imgclf.data.transforms import Preprocessing, eval_tensor, train_augmentation, train_cache_tensor
+from imgclf.training.hardware import Runtime
+from imgclf.training.loop import model_input
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The penultimate-layer vector timm models expose (``forward_head(pre_logits=True)``)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+class FeatureStore:
+    """``content hash -> feature vector`` for one (model, weights, preprocessing, view) on disk."""
+
+    def __init__(self, model_name: str, weights_id: str, prep: Preprocessing, view: int):
+        key = json.dumps([model_name, weights_id, prep.to_dict(), view], sort_keys=True)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self.path = cache_dir() / "features" / f"{model_name}-v{view}-{digest}.safetensors"
+        self.vectors: dict[str, torch.Tensor] = {}
+        if self.path.exists():
+            try:
+                data = load_file(str(self.path))
+                hashes = json.loads(Path(str(self.path) + ".json").read_text())
+                self.vectors = dict(zip(hashes, data["features"]))
+            except (OSError, ValueError, KeyError):
+                self.vectors = {}  # a damaged cache is only lost time
+        self.dirty = False
+
+    def save(self) -> None:
+        if not self.dirty or not self.vectors:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        hashes = list(self.vectors)
+        stacked = torch.stack([self.vectors[h] for h in hashes]).contiguous()
+        for suffix, write in ((".safetensors", lambda p: save_file({"features": stacked}, p)),
+                              (".json", lambda p: Path(p).write_text(json.dumps(hashes)))):
+            target = self.path if suffix == ".safetensors" else Path(str(self.path) + ".json")
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+                pass
+            write(handle.name)
+            Path(handle.name).replace(target)
+        self.dirty = False
+
+
+def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, view: int, seed: int):
+    augment = train_augmentation("light", prep) if view else None
+
+    def load(index: int) -> torch.Tensor | None:
+        try:
+            image = open_sample(samples[index], prep)
+        except ImageError as exc:
+            print(f"skipped {exc.path}: {exc.reason}", file=sys.stderr)
+            return None
+        if augment is None:
+            return eval_tensor(image, prep)
+        with torch.random.fork_rng(devices=[]):
+            # seeded by content, so a cached view never depends on what else was extracted with it
+            torch.manual_seed((int(hashes[index][:12], 16) + 1_000_003 * view + seed) & 0x7FFF_FFFF_FFFF)
+            return augment(train_cache_tensor(image, prep))
+    return load
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, samples: list[Sample], hashes: list[str], store: FeatureStore,
+                     prep: Preprocessing, runtime: Runtime, view: int = 0, seed: int = 0,
+                     batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Features (float32) for the samples that decode, and their indices; cached ones are reused."""
+    model.eval()
+    todo = [i for i, h in enumerate(hashes) if h not in store.vectors]
+    if todo:
+        load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed)
+        bar = tqdm(total=len(todo), desc=f"features (view {view})", unit="img", disable=not progress,
+                   file=sys.stderr)
+        for chunk, positions, batch in prefetch_batches(len(todo), load, batch_size):
+            if batch is not None:
+                with runtime.autocast():
+                    vectors = pooled_features(model, model_input(batch, runtime, prep)).float().cpu()
+                for position, vector in zip(positions, vectors):
+                    store.vectors[hashes[todo[position]]] = vector.to(torch.float16)
+                store.dirty = True
+            bar.update(len(chunk))
+        bar.close()
+        store.save()
+    kept = [i for i, h in enumerate(hashes) if h in store.vectors]
+    if not kept:
+        return torch.zeros(0, 0), []
+    return torch.stack([store.vectors[hashes[i]] for i in kept]).float(), kept

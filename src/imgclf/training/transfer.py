@@ -1,0 +1,100 @@
+"""Transfer learning from a pretrained backbone, in three modes.
+
+- ``head``: run the frozen backbone once over the images (features cached on disk by content
+  hash), then fit a linear or MLP head on them. Seconds once the cache is warm.
+- ``finetune``: the ``head`` fit as a warm start, then all layers trained with a lower learning
+  rate for the backbone (discriminative rates, as fastai's ``fine_tune``), batch-norm statistics
+  frozen (small batches on small data would only add noise to them).
+- ``auto``: chosen from model, data size and hardware; the log says what and why.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from imgclf.data.audit import content_hashes
+from imgclf.models.factory import is_scratch_model, set_classifier
+from imgclf.settings import Settings
+from imgclf.training.data_setup import RunData
+from imgclf.training.features import FeatureStore, extract_features
+from imgclf.training.hardware import Runtime
+from imgclf.training.head import HeadFit, class_weights, fit_head, make_head
+
+# Fine-tuning EfficientNet-Lite0 at 224 px with stages up to stride 8 frozen trains about 25 img/s on
+# 2 CPU cores (bf16, measured; docs/benchmarks.md): 20,000 image-epochs is about 13 minutes.
+# Above that budget, auto uses the head alone.
+FINETUNE_CPU_BUDGET_IMAGES = 20_000
+
+
+def resolve_mode(settings: Settings, pretrained: bool, runtime: Runtime, n_train: int) -> tuple[str, str]:
+    """The training mode to use, and why (printed in the log)."""
+    mode = settings.train.mode
+    if is_scratch_model(settings.model.model) or not pretrained:
+        if mode in ("head", "finetune"):
+            raise ValueError(f"mode '{mode}' needs a pretrained model; {settings.model.model} has no "
+                             f"pretrained weights here (use --mode full)")
+        return "full", "the model starts from scratch: all layers are trained"
+    if mode != "auto":
+        return mode, "as asked"
+    if runtime.device.type == "cuda":
+        return "finetune", "a GPU is available: the network is fine-tuned after the head"
+    work = n_train * settings.train.finetune_epochs
+    if work <= FINETUNE_CPU_BUDGET_IMAGES:
+        return "finetune", (f"{n_train} training images x {settings.train.finetune_epochs} epochs fit a CPU "
+                            f"budget: head on cached features, then the layers past stride "
+                            f"{settings.train.freeze_stride} fine-tuned")
+    return "head", (f"{n_train} training images are too many to fine-tune every layer on a CPU in minutes: "
+                    f"a head on cached frozen features")
+
+
+def use_class_weights(setting: str, targets: torch.Tensor, num_classes: int) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    counts = torch.bincount(targets, minlength=num_classes)
+    counts = counts[counts > 0]
+    return bool(len(counts)) and float(counts.max() / counts.min()) >= 3.0
+
+
+def _features(model, run_data: RunData, split: str, hashes: dict, settings: Settings, prep, runtime,
+              views: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = run_data.split(split)
+    sample_hashes = [hashes[(s.path, s.index)] for s in samples]
+    targets = torch.tensor(run_data.targets(samples), dtype=torch.long)
+    xs, ys = [], []
+    for view in range(views + 1):
+        store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view)
+        x, kept = extract_features(model, samples, sample_hashes, store, prep, runtime, view,
+                                   settings.train.seed, progress=progress)
+        xs.append(x)
+        ys.append(targets[kept])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_transfer_head(model, run_data: RunData, settings: Settings, prep, runtime: Runtime, source: str,
+                      progress: bool) -> HeadFit:
+    """Cached features -> fitted head, installed as the model's classifier."""
+    samples = run_data.samples
+    digests = content_hashes(samples, settings.data, source)
+    hashes = {(s.path, s.index): h for s, h in zip(samples, digests)}
+    train_x, train_y = _features(model, run_data, "train", hashes, settings, prep, runtime,
+                                 settings.train.distortions, progress)
+    val_x, val_y = _features(model, run_data, "val", hashes, settings, prep, runtime, 0, progress)
+    num_classes = len(run_data.classes)
+    weights = class_weights(train_y, num_classes) if use_class_weights(
+        settings.train.class_weights, train_y, num_classes) else None
+    fit = fit_head(train_x, train_y, val_x, val_y, num_classes, hidden=settings.model.head_hidden,
+                   weights=weights, label_smoothing=settings.train.label_smoothing, seed=settings.train.seed)
+    set_classifier(model, fit.head.to(runtime.device))
+    print(f"head on {len(train_y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
+          f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
+          f"{', class-weighted loss' if weights is not None else ''}", file=sys.stderr)
+    return fit
+
+
+def install_saved_head(model, meta: dict) -> None:
+    """Rebuild an MLP head recorded in a bundle before its weights are loaded."""
+    hidden = int((meta.get("head") or {}).get("hidden", 0))
+    if hidden:
+        in_features = int(meta["head"]["in_features"])
+        set_classifier(model, make_head(in_features, len(meta["classes"]), hidden))
