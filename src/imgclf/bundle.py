@@ -83,6 +83,15 @@ def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
     _atomic_write_bytes(folder / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
+def update_meta(folder: str | Path, fields: dict) -> dict:
+    """Add or replace fields of a bundle's model.json (atomically); the weights are untouched."""
+    meta = read_meta(folder)
+    meta.update(fields)
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    _atomic_write_bytes(Path(folder) / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return meta
+
+
 def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / META
     if not path.exists():

@@ -11,11 +11,10 @@ import glob
 import json
 import os
 import sys
-from pathlib import Path
 
 from imgclf.settings import Settings, section_fields
 
-SECTIONS_FOR = {"check": ("data",), "train": ("data", "model", "train"), "predict": ("predict",)}
+SECTIONS_FOR = {"check": ("data",), "train": ("data", "model", "train", "evaluate"), "predict": ("predict",)}
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
@@ -70,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("data", nargs="?", help="labelled data to evaluate on instead of the run's test split")
 
+    p = sub.add_parser("embed", help="embeddings for TensorBoard's projector, NumPy, and PCA/t-SNE maps")
+    p.add_argument("run_dir")
+    p.add_argument("data", nargs="?", help="labelled data to embed (default: the run's own images)")
+    p.add_argument("--out", required=True, help="folder for the embedding files")
+
+    p = sub.add_parser("similar", help="the training photos nearest to an image")
+    p.add_argument("run_dir")
+    p.add_argument("image")
+    p.add_argument("--k", type=int, default=8, help="how many neighbours (default: 8)")
+
     p = sub.add_parser("predict", help="label image files with a trained model")
     p.add_argument("run_dir")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
@@ -106,12 +115,14 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
-def _print_predictions(predictions, fmt: str, k: int) -> int:
-    """Stream predictions as a table, a JSON array or CSV; returns the number of bad files."""
+def _print_predictions(predictions, fmt: str, k: int, decided: bool = False) -> int:
+    """Stream predictions as a table, a JSON array or CSV; returns the number of bad files.
+    With ``decided`` (a confidence threshold in use) the decision comes first: a label or unknown."""
     bad = 0
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     if writer:
-        writer.writerow(["path", "error"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
+        writer.writerow(["path", "error"] + (["label"] if decided else [])
+                        + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
     if fmt == "json":
         sys.stdout.write("[")
     for n, pred in enumerate(predictions):
@@ -122,9 +133,10 @@ def _print_predictions(predictions, fmt: str, k: int) -> int:
             sys.stdout.write(("," if n else "") + "\n  " + json.dumps(pred.to_dict(), ensure_ascii=False))
         elif writer:
             cells = [x for label, p in zip(pred.labels, pred.probs) for x in (label, f"{p:.6f}")]
-            writer.writerow([pred.path, pred.error] + cells)
+            writer.writerow([pred.path, pred.error] + ([pred.label] if decided else []) + cells)
         elif not pred.error:
-            print(pred.path + "\t" + "\t".join(f"{label} {p:.3f}" for label, p in zip(pred.labels, pred.probs)))
+            first = [pred.label] if decided else []
+            print("\t".join([pred.path, *first, *(f"{label} {p:.3f}" for label, p in zip(pred.labels, pred.probs))]))
     if fmt == "json":
         sys.stdout.write("\n]\n")
     return bad
@@ -158,6 +170,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         imgclf.evaluate(args.run_dir, args.data)
         return 0
+    if args.command == "embed":
+        from imgclf.evaluation.embed import embed
+
+        embed(args.run_dir, args.data, args.out)
+        return 0
+    if args.command == "similar":
+        from imgclf.evaluation.embed import similar
+
+        for row in similar(args.run_dir, args.image, args.k):
+            print(f"{row['similarity']:.4f}\t{row['label']}\t{row['path']}")
+        return 0
     if args.command == "predict":
         settings = Settings()
         from imgclf.settings import apply_overrides
@@ -167,8 +190,9 @@ def _run(args: argparse.Namespace) -> int:
         for item in missing:
             print(f"error: {item}: no such file", file=sys.stderr)
         clf = imgclf.load(args.run_dir, batch_size=p.predict_batch_size)
-        _print_predictions(clf.predict_files(files, k=p.top_k, progress=sys.stderr.isatty()), p.format,
-                           min(p.top_k, len(clf.classes_)))
+        predictions = clf.predict_files(files, k=p.top_k, progress=sys.stderr.isatty(),
+                                        min_confidence=p.min_confidence or None)
+        _print_predictions(predictions, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
         return 0 if files else 1
     if args.command == "datasets":
         from imgclf.data.idx import download

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgclf.bundle import Bundle, load_bundle
+from imgclf.bundle import Bundle, BundleError, load_bundle
 from imgclf.data.dataset import prefetch_batches
 from imgclf.data.images import ImageError, load_image, to_rgb
 from imgclf.data.transforms import eval_tensor
@@ -23,6 +23,7 @@ from imgclf.training.hardware import resolve_runtime
 from imgclf.training.loop import model_input
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+UNKNOWN = "unknown"  # the label given below the confidence threshold
 
 
 @dataclass
@@ -33,12 +34,13 @@ class FilePrediction:
     labels: list[str] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)
     error: str = ""
+    label: str = ""  # the decision: the top label, or "unknown" below the confidence threshold
 
     def to_dict(self) -> dict:
         if self.error:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
-                                           zip(self.labels, self.probs)]}
+        return {"path": self.path, "label": self.label, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
+                                                                zip(self.labels, self.probs)]}
 
 
 class Classifier:
@@ -67,11 +69,15 @@ class Classifier:
         return self._proba_of_batch(torch.stack(tensors))
 
     @torch.no_grad()
-    def _proba_of_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """uint8 NCHW batch -> probabilities (temperature-scaled when the bundle has one)."""
+    def logits_of_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 NCHW batch -> raw logits (float32), before any temperature."""
         with self.runtime.autocast():
             logits = self.model(model_input(batch, self.runtime, self.preprocessing))
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
+        return logits.float().cpu().numpy()
+
+    def _proba_of_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 NCHW batch -> probabilities (temperature-scaled when the bundle has one)."""
+        return torch.softmax(torch.from_numpy(self.logits_of_batch(batch)) / self.temperature, dim=1).numpy()
 
     def predict_proba(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
         """(n, n_classes) probabilities, columns in the order of ``classes_``. Raises ImageError."""
@@ -83,15 +89,33 @@ class Classifier:
             out.append(self._proba_of_tensors([self._tensor(x) for x in items[start:start + self.batch_size]]))
         return np.concatenate(out)
 
-    def predict(self, images: ImageLike | Iterable[ImageLike], k: int = 1) -> np.ndarray:
-        """Labels: shape (n,) for ``k=1``, else (n, k) ranked best first."""
+    def predict(self, images: ImageLike | Iterable[ImageLike], k: int = 1,
+                min_confidence: float | str | None = None) -> np.ndarray:
+        """Labels: shape (n,) for ``k=1``, else (n, k) ranked best first. With ``min_confidence``
+        (a probability, or "auto" for the bundle's recommended threshold), a top label below it
+        becomes "unknown"."""
         proba = self.predict_proba(images)
         order = np.argsort(-proba, axis=1)[:, :k]
         labels = self.classes_[order]
+        threshold = self.confidence_threshold(min_confidence)
+        if threshold is not None:
+            labels[:, 0] = np.where(proba.max(axis=1) >= threshold, labels[:, 0], UNKNOWN)
         return labels[:, 0] if k == 1 else labels
 
+    def confidence_threshold(self, value: float | str | None) -> float | None:
+        """None (decide always), a number, or "auto": the threshold chosen on the validation split."""
+        if value in (None, ""):
+            return None
+        if value == "auto":
+            chosen = self.meta.get("threshold")
+            if not chosen:
+                raise BundleError("this model has no recommended threshold (it was not calibrated); "
+                                  "give --min-confidence a number instead")
+            return float(chosen["threshold"])
+        return float(value)
+
     def predict_files(self, paths: Iterable[str], k: int = 5, progress: bool = False,
-                      workers: int | None = None) -> Iterator[FilePrediction]:
+                      workers: int | None = None, min_confidence: float | str | None = None) -> Iterator[FilePrediction]:
         """Top-k for many files, in order, decoding the next batches while this one runs.
 
         A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
@@ -101,6 +125,7 @@ class Classifier:
 
         paths = list(paths)
         k = min(k, len(self.classes_))
+        threshold = self.confidence_threshold(min_confidence)
         errors: dict[int, str] = {}
 
         def decode(index: int) -> torch.Tensor | None:
@@ -119,8 +144,10 @@ class Classifier:
                         yield FilePrediction(paths[index], error=errors.pop(index, "cannot decode"))
                         continue
                     order = np.argsort(-rows[index])[:k]
+                    top = float(rows[index][order[0]])
+                    decided = str(self.classes_[order[0]]) if threshold is None or top >= threshold else UNKNOWN
                     yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
-                                         [float(rows[index][j]) for j in order])
+                                         [float(rows[index][j]) for j in order], label=decided)
                 bar.update(len(chunk))
 
 

@@ -77,8 +77,16 @@ class TrainSettings:
 
 
 @dataclass
+class EvaluateSettings:
+    target_precision: float = setting(0.95, "precision the recommended confidence threshold aims for "
+                                      "(chosen on the validation split)")
+
+
+@dataclass
 class PredictSettings:
     top_k: int = setting(5, "how many labels to return per image")
+    min_confidence: str = setting("", "below this top probability the label is 'unknown': a number, "
+                                  "or auto for the bundle's recommended threshold")
     predict_batch_size: int = setting(64, "images per forward pass when predicting")
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
 
@@ -88,6 +96,7 @@ class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
 
     def to_dict(self) -> dict:
@@ -168,6 +177,14 @@ def validate(settings: Settings) -> None:
         raise SettingsError("epochs and batch_size must be at least 1")
     if t.lr <= 0:
         raise SettingsError("lr must be positive")
+    if not 0 < settings.evaluate.target_precision < 1:
+        raise SettingsError("target_precision must be between 0 and 1 (e.g. 0.95)")
+    confidence = settings.predict.min_confidence
+    if confidence not in ("", "auto"):
+        try:
+            float(confidence)
+        except ValueError:
+            raise SettingsError(f"min_confidence: '{confidence}' is neither a number nor auto") from None
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

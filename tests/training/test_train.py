@@ -64,6 +64,11 @@ def test_nested_folders_give_hierarchical_labels_and_per_level_accuracy(clothing
     assert accuracy[0] >= accuracy[1] >= accuracy[2] == pytest.approx(metrics["top1"])
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["hierarchy"] == {"separator": " > ", "depth": 3}
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Accuracy per level" in page and f"{100 * accuracy[0]:.1f}%" in page
+    for depth in (1, 2):  # roll-up confusion matrices of the upper levels
+        assert (tmp_path / "run" / f"confusion_level{depth}.png").exists()
+        assert f'alt="confusion at depth {depth}"' in page
 
 
 @pytest.mark.slow

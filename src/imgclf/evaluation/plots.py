@@ -183,3 +183,58 @@ def plot_accuracy_vs_n(rows: list[dict], path: str | Path) -> Path:
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def plot_reliability(calibration: dict, path: str | Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    try:
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+        for key, label in (("bins_before", f"before (ECE {calibration['ece_before']:.3f})"),
+                           ("bins_after", f"after T={calibration['temperature']:.2f} "
+                                          f"(ECE {calibration['ece_after']:.3f})")):
+            bins = calibration[key]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Reliability on the evaluation images")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_embedding_map(points: np.ndarray, labels: list[str], path: str | Path, method: str,
+                       thumbs: list | None = None) -> Path:
+    """2-D map of embeddings coloured by class; small sets get their photos drawn on the map."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    fig, ax = plt.subplots(figsize=(9, 8))
+    try:
+        classes = sorted(set(labels))
+        colours = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+        for i, label in enumerate(classes):
+            mask = np.array([lab == label for lab in labels])
+            ax.scatter(points[mask, 0], points[mask, 1], s=12, color=colours(i % colours.N), label=label)
+        if thumbs:
+            from imgclf.data.dataset import open_sample
+            from imgclf.data.images import ImageError
+
+            for (x, y), sample in zip(points, thumbs):
+                try:
+                    image = open_sample(sample).resize((32, 32))
+                except ImageError:
+                    continue
+                ax.add_artist(AnnotationBbox(OffsetImage(np.asarray(image), zoom=0.6), (x, y), frameon=False))
+        if len(classes) <= 25:
+            ax.legend(markerscale=2, fontsize=8, loc="best")
+        ax.set_title(f"Embeddings ({method}), coloured by class")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,5 +1,5 @@
 """``evaluate``: a trained run on its test split (or on other labelled data) -> metrics.json,
-confusion-matrix and training-curve pictures, report.md."""
+pictures (confusion, curves, reliability), report.md and a self-contained report.html."""
 from __future__ import annotations
 
 import csv
@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from imgclf.data.dataset import decode_all
 from imgclf.data.scan import Sample, scan
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor
-from imgclf.evaluation.metrics import compute_metrics
-from imgclf.evaluation.plots import plot_confusion, plot_history
+from imgclf.evaluation.calibration import precision_at, reliability, softmax
+from imgclf.evaluation.html import write_report_html
+from imgclf.evaluation.metrics import compute_metrics, rollup_confusion
+from imgclf.evaluation.plots import plot_confusion, plot_history, plot_reliability
 from imgclf.evaluation.report import write_report_md
 from imgclf.predict import Classifier, load
 
@@ -33,10 +36,10 @@ def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], 
     return (test, "test") if test else (scanned, "all")
 
 
-def predict_samples(clf: Classifier, samples: list[Sample], progress: bool) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Probabilities for the samples that decode; returns (probs, kept indices, failures)."""
+def sample_logits(clf: Classifier, samples: list[Sample], progress: bool) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Raw logits for the samples that decode; returns (logits, kept indices, failures)."""
     prep = clf.preprocessing
-    probs, kept, failures = [], [], []
+    logits, kept, failures = [], [], []
     for start in range(0, len(samples), CHUNK):
         chunk = samples[start:start + CHUNK]
         tensors, chunk_failures = decode_all(chunk, lambda im: eval_tensor(im, prep), prep, "evaluate", progress)
@@ -44,9 +47,68 @@ def predict_samples(clf: Classifier, samples: list[Sample], progress: bool) -> t
         good = [i for i, t in enumerate(tensors) if t is not None]
         for b in range(0, len(good), clf.batch_size):
             batch = good[b:b + clf.batch_size]
-            probs.append(clf._proba_of_tensors([tensors[i] for i in batch]))
+            logits.append(clf.logits_of_batch(torch.stack([tensors[i] for i in batch])))
         kept += [start + i for i in good]
-    return (np.concatenate(probs) if probs else np.zeros((0, len(clf.classes_)))), kept, failures
+    return (np.concatenate(logits) if logits else np.zeros((0, len(clf.classes_)))), kept, failures
+
+
+def calibration_report(logits: np.ndarray, targets: np.ndarray, meta: dict) -> dict:
+    """ECE before and after the bundle's temperature, and how its confidence threshold (chosen on
+    the validation split) does on these images."""
+    temperature = float(meta.get("temperature", 1.0))
+    before, after = reliability(softmax(logits), targets), reliability(softmax(logits, temperature), targets)
+    report = {"temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"],
+              "bins_before": before["bins"], "bins_after": after["bins"]}
+    chosen = meta.get("threshold")
+    if chosen:
+        measured = precision_at(softmax(logits, temperature), targets, chosen["threshold"])
+        report["threshold"] = {**chosen, "measured": measured}
+    return report
+
+
+def calibrate(run_dir: str | Path, target_precision: float = 0.95, progress: bool = False) -> dict:
+    """Fit the temperature and the confidence threshold on the run's validation split and store
+    both in model.json, so every later prediction uses them."""
+    run_dir = Path(run_dir)
+    clf = load(run_dir)
+    val = [s for s in read_split_csv(run_dir / "split.csv") if s.split == "val" and s.label in set(clf.classes_)]
+    logits, kept, _ = sample_logits(clf, val, progress)
+    return calibrate_from_logits(run_dir, clf.meta, logits, [val[i] for i in kept], target_precision)
+
+
+def calibrate_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample],
+                          target_precision: float) -> dict:
+    from imgclf.bundle import update_meta
+    from imgclf.evaluation.calibration import fit_temperature, threshold_for_precision
+
+    if not samples:
+        return {}
+    index = {label: i for i, label in enumerate(meta["classes"])}
+    targets = np.array([index[s.label] for s in samples], dtype=np.int64)
+    temperature = fit_temperature(logits, targets)
+    chosen = threshold_for_precision(softmax(logits, temperature), targets, target_precision)
+    if not chosen["reliable"]:
+        chosen["note"] = (f"only {chosen['n']} validation images: too few to promise {target_precision:.0%} "
+                          f"precision at this threshold")
+    update_meta(run_dir, {"temperature": temperature, "threshold": chosen})
+    meta.update({"temperature": temperature, "threshold": chosen})
+    print(f"calibration on {len(targets)} validation images: temperature {temperature:.3f}; "
+          f"{target_precision:.0%} precision at confidence >= {chosen['threshold']:.3f} "
+          f"(decides {chosen['coverage']:.0%} of images)", file=sys.stderr)
+    return {"temperature": temperature, "threshold": chosen}
+
+
+def write_pictures(run_dir: Path, metrics: dict, meta: dict) -> None:
+    """confusion.png (and one per hierarchy level), curves.png, reliability.png."""
+    plot_confusion(metrics["confusion"], run_dir / "confusion.png")
+    for level in (metrics.get("levels") or [])[:-1]:  # the deepest level is confusion.png itself
+        plot_confusion(rollup_confusion(metrics["confusion"], level["depth"]),
+                       run_dir / f"confusion_level{level['depth']}.png", title=f"Confusion at depth {level['depth']}")
+    history = read_history(run_dir)
+    if history:
+        plot_history(history, run_dir / "curves.png", best_epoch=meta.get("epoch"))
+    if metrics.get("calibration"):
+        plot_reliability(metrics["calibration"], run_dir / "reliability.png")
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -59,7 +121,7 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
-    """Evaluate a run; writes metrics.json, confusion.png, curves.png and report.md into it."""
+    """Evaluate a run; writes metrics.json, the pictures, report.md and report.html into it."""
     run_dir = Path(run_dir)
     clf = load(run_dir)
     samples, split = samples_to_evaluate(run_dir, data)
@@ -68,22 +130,31 @@ def evaluate(run_dir: str | Path, data: str | None = None, progress: bool = True
     samples = [s for s in samples if s.label in known]
     if unknown:
         print(f"warning: {len(unknown)} images have labels the model does not know; left out", file=sys.stderr)
-    probs, kept, failures = predict_samples(clf, samples, progress)
+    logits, kept, failures = sample_logits(clf, samples, progress)
     for failure in failures:
         print(f"skipped {failure['path']}: {failure['reason']}", file=sys.stderr)
-    index = {label: i for i, label in enumerate(clf.classes_.tolist())}
-    targets = np.array([index[samples[i].label] for i in kept], dtype=np.int64)
-    names = [samples[i].name for i in kept]
-    metrics = compute_metrics(probs, targets, clf.classes_.tolist(), names)
-    metrics.update({"split": split, "data": data or "run split", "architecture": clf.meta["architecture"],
-                    "skipped": failures, "unknown_labels": len(unknown)})
+    extra = {"split": split, "data": data or "run split", "skipped": failures, "unknown_labels": len(unknown)}
+    return report_from_logits(run_dir, clf.meta, logits, [samples[i] for i in kept], extra)
+
+
+def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample], extra: dict) -> dict:
+    """Metrics, pictures and reports from the logits of labelled samples (whatever computed them)."""
+    classes = list(meta["classes"])
+    index = {label: i for i, label in enumerate(classes)}
+    targets = np.array([index[s.label] for s in samples], dtype=np.int64)
+    probs = softmax(logits, float(meta.get("temperature", 1.0)))
+    metrics = compute_metrics(probs, targets, classes, [s.name for s in samples])
+    metrics.update({"architecture": meta["architecture"], **extra,
+                    "calibration": calibration_report(logits, targets, meta)})
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
-    plot_confusion(metrics["confusion"], run_dir / "confusion.png")
-    history = read_history(run_dir)
-    if history:
-        plot_history(history, run_dir / "curves.png", best_epoch=clf.meta.get("epoch"))
-    report = write_report_md(run_dir, metrics, clf.meta, has_curves=bool(history))
-    print(f"{split} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} images; "
-          f"report: {report}", file=sys.stderr)
+    write_pictures(run_dir, metrics, meta)
+    report = write_report_md(run_dir, metrics, meta, has_curves=(run_dir / "curves.png").exists())
+    write_report_html(run_dir, metrics, meta)
+    if (run_dir / "tensorboard").is_dir():
+        from imgclf.evaluation.embed import log_to_tensorboard
+
+        log_to_tensorboard(run_dir, samples)
+    print(f"{metrics['split']} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} "
+          f"images; report: {report}", file=sys.stderr)
     return metrics

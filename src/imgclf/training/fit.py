@@ -6,12 +6,11 @@ bundle, metrics.json, report.md), and ``train(resume=True)`` continues a killed 
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,17 @@ from imgclf.data.transforms import Preprocessing, measure_mean_std
 from imgclf.models.factory import (classifier_name, create_model, freeze_early_layers, is_scratch_model,
                                    preprocessing_for, resolve_image_size, resolve_pretrained)
 from imgclf.settings import Settings, apply_overrides, from_dict
-from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.training.checkpoint import save_checkpoint
 from imgclf.training.data_setup import Loaders, RunData, build_loaders, prepare_data, reload_data
 from imgclf.training.distributed import Distributed, broadcast_flag, init_distributed, unwrap, wrap_model
 from imgclf.training.hardware import Runtime, resolve_runtime
 from imgclf.training.head import HeadFit, class_weights
+from imgclf.training.state import HISTORY_FIELDS, RunState, checkpoint_state, restore_state, write_history
 from imgclf.training.transfer import fit_transfer_head, install_saved_head, resolve_mode, use_class_weights
 from imgclf.training.loop import (EpochProgress, NonFiniteLossError, StopRequest, TrainStep, evaluate_logits,
                                summarize_logits, train_one_epoch)
 
 CHECKPOINT = "checkpoint.safetensors"
-HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr",
-                  "seconds", "images_per_s")
 
 
 class TrainError(RuntimeError):
@@ -48,22 +46,6 @@ class TrainResult:
     epochs_done: int
     best_epoch: int
     metrics: dict | None = None
-
-
-@dataclass
-class RunState:
-    """What a checkpoint restores besides model and optimizer."""
-
-    epoch: int = 0  # epoch in progress (0-based)
-    progress: EpochProgress | None = None  # set when the checkpoint is mid-epoch
-    global_step: int = 0
-    history: list = None  # type: ignore[assignment]
-    best_loss: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-
-    def __post_init__(self) -> None:
-        self.history = self.history or []
 
 
 def _write_run_json(out: Path, **fields: Any) -> None:
@@ -146,37 +128,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, settings:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _checkpoint_state(step: TrainStep, state: RunState) -> dict:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"model": unwrap(step.model).state_dict(), "optimizer": step.optimizer.state_dict(),
-            "scheduler": step.scheduler.state_dict(), "epoch": state.epoch,
-            "progress": asdict(state.progress) if state.progress else None,
-            "global_step": state.global_step, "history": state.history, "best_loss": state.best_loss,
-            "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "rng": rng}
-
-
-def _restore(step: TrainStep, out: Path) -> RunState:
-    saved = load_checkpoint(out / CHECKPOINT)
-    unwrap(step.model).load_state_dict(saved["model"])
-    step.optimizer.load_state_dict(saved["optimizer"])
-    step.scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    progress = EpochProgress(**saved["progress"]) if saved["progress"] else None
-    return RunState(saved["epoch"], progress, saved["global_step"], saved["history"], saved["best_loss"],
-                    saved["best_epoch"], saved["bad_epochs"])
-
-
-def _write_history(out: Path, history: list[dict]) -> None:
-    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def _head_info(model: nn.Module, settings: Settings) -> dict:
     """Shape of the classifier head, so a bundle can rebuild an MLP head before loading weights."""
     model = unwrap(model)
@@ -224,8 +175,8 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
         state.bad_epochs += 1
     state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
     if info.is_main:
-        save_checkpoint(_checkpoint_state(step, state), out / CHECKPOINT)
-        _write_history(out, state.history)
+        save_checkpoint(checkpoint_state(step, state), out / CHECKPOINT)
+        write_history(out, state.history)
         for key in HISTORY_FIELDS[1:]:
             ctx["writer"].add_scalar(key, row[key], row["epoch"])
         ctx["writer"].flush()
@@ -252,7 +203,7 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
             if broadcast_flag(interrupted, ctx["info"]):
                 state.progress = progress
                 if ctx["info"].is_main:
-                    save_checkpoint(_checkpoint_state(step, state), ctx["out"] / CHECKPOINT)
+                    save_checkpoint(checkpoint_state(step, state), ctx["out"] / CHECKPOINT)
                 return "stopped"
             if _end_of_epoch(step, loaders, state, progress, ctx):
                 print(f"early stop: validation loss has not improved for {t.patience} epochs "
@@ -278,16 +229,29 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
           resume: bool = False, settings: Settings | None = None, progress: bool = True,
           evaluate: bool = True) -> TrainResult:
     """Train a classifier on ``data`` into the run folder ``out`` (or continue it with ``resume``)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     info, out = init_distributed(), Path(out)
     settings = apply_overrides(settings or Settings(), overrides or {})
     settings, run_data = _start_run(data, out, settings, resume, info, progress)
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
-    t, m = settings.train, settings.model
+    t = settings.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last, info.local_rank)
-    torch.manual_seed(t.seed)
+    settings, model, prep = _build_model(settings, run_data, out, resume, runtime, info, progress)
+    if settings.train.mode in ("head", "finetune") and not resume:
+        fit, features = fit_transfer_head(model, run_data, settings, prep, runtime, _source(out),
+                                          progress and info.is_main)
+        if info.is_main:
+            _write_run_json(out, head=_head_info(model, settings))
+        if settings.train.mode == "head":
+            return _finish_head(out, model, fit, features, settings, run_data, prep, evaluate)
+    return _train_layers(out, settings, model, prep, run_data, runtime, info, resume, evaluate, progress)
+
+
+def _build_model(settings: Settings, run_data: RunData, out: Path, resume: bool, runtime: Runtime,
+                 info: Distributed, progress: bool) -> tuple[Settings, nn.Module, Preprocessing]:
+    """The network (pretrained when asked and at hand), the resolved settings and its input config."""
+    m = settings.model
+    torch.manual_seed(settings.train.seed)
     pretrained = resolve_pretrained(m.pretrained, m.model, m.weights, m.download)
     model = create_model(m.model, len(run_data.classes), pretrained=pretrained and not resume,
                          drop_rate=m.drop_rate, weights=m.weights, download=m.download)
@@ -295,18 +259,20 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
         install_saved_head(model, json.loads((out / "run.json").read_text()))
     else:
         settings = _resolve(settings, model, pretrained, runtime, run_data, out, info)
-    t, m = settings.train, settings.model
     prep = _preprocessing(model, settings, out, run_data, resume, progress and info.is_main)
     if info.is_main and not resume:
         _write_run_json(out, preprocessing=prep.to_dict())
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-    model = model.to(runtime.device, memory_format=memory_format)
-    if t.mode in ("head", "finetune") and not resume:
-        fit = fit_transfer_head(model, run_data, settings, prep, runtime, _source(out), progress and info.is_main)
-        if info.is_main:
-            _write_run_json(out, head=_head_info(model, settings))
-        if t.mode == "head":
-            return _finish_head(out, model, fit, settings, run_data, prep, evaluate, progress)
+    return settings, model.to(runtime.device, memory_format=memory_format), prep
+
+
+def _train_layers(out: Path, settings: Settings, model: nn.Module, prep: Preprocessing, run_data: RunData,
+                  runtime: Runtime, info: Distributed, resume: bool, evaluate: bool,
+                  progress: bool) -> TrainResult:
+    """Train the network's layers epoch by epoch (full or finetune mode), then evaluate."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    t = settings.train
     if t.mode == "finetune":
         frozen = freeze_early_layers(model, t.freeze_stride)
         if info.is_main and frozen:
@@ -314,11 +280,11 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
     loaders = build_loaders(run_data, prep, settings, info, progress)
     step = _build_step(wrap_model(model, info, runtime.device), prep, settings, runtime, loaders,
                        len(run_data.classes))
-    state = _restore(step, out) if resume else RunState()
+    state = restore_state(step, out / CHECKPOINT) if resume else RunState()
     if info.is_main:
-        print(f"training {m.model} ({t.mode}) on {len(loaders.train_dataset)} images, {len(run_data.classes)} "
-              f"classes ({runtime.describe()}){f', resuming at epoch {state.epoch + 1}' if resume else ''}",
-              file=sys.stderr)
+        print(f"training {settings.model.model} ({t.mode}) on {len(loaders.train_dataset)} images, "
+              f"{len(run_data.classes)} classes ({runtime.describe()})"
+              f"{f', resuming at epoch {state.epoch + 1}' if resume else ''}", file=sys.stderr)
     ctx = {"settings": settings, "out": out, "info": info, "run_data": run_data, "progress": progress,
            "writer": SummaryWriter(str(out / "tensorboard")) if info.is_main else None}
     started = time.perf_counter()
@@ -334,11 +300,11 @@ def train(data: str | None = None, out: str | Path = "runs/run", overrides: dict
     finally:
         if ctx["writer"] is not None:
             ctx["writer"].close()
-    return _finish(out, status, state, info, evaluate, progress, time.perf_counter() - started)
+    return _finish(out, status, state, info, settings, evaluate, progress, time.perf_counter() - started)
 
 
-def _finish(out: Path, status: str, state: RunState, info: Distributed, evaluate: bool, progress: bool,
-            seconds: float) -> TrainResult:
+def _finish(out: Path, status: str, state: RunState, info: Distributed, settings: Settings, evaluate: bool,
+            progress: bool, seconds: float) -> TrainResult:
     result = TrainResult(str(out), "stopped" if status == "stopped" else "finished", state.epoch,
                          state.best_epoch)
     if not info.is_main:
@@ -348,8 +314,9 @@ def _finish(out: Path, status: str, state: RunState, info: Distributed, evaluate
     if status == "stopped":
         print(f"stopped with a checkpoint; continue with: imgclf train --resume {out}", file=sys.stderr)
     elif evaluate:
-        from imgclf.evaluation.run import evaluate as evaluate_run
+        from imgclf.evaluation.run import calibrate, evaluate as evaluate_run
 
+        calibrate(out, settings.evaluate.target_precision)
         result.metrics = evaluate_run(out, progress=progress)
     return result
 
@@ -371,13 +338,31 @@ def _resolve(settings: Settings, model: nn.Module, pretrained: bool, runtime: Ru
     return resolved
 
 
-def _finish_head(out: Path, model: nn.Module, fit: HeadFit, settings: Settings, run_data: RunData,
-                 prep: Preprocessing, evaluate: bool, progress: bool) -> TrainResult:
-    """Head mode: the fitted head is the model. Save it like any trained epoch, then evaluate."""
+def _finish_head(out: Path, model: nn.Module, fit: HeadFit, features: dict, settings: Settings,
+                 run_data: RunData, prep: Preprocessing, evaluate: bool) -> TrainResult:
+    """Head mode: the fitted head is the model. Save it like a trained epoch; calibrate and evaluate
+    from the cached features (the head applied to them gives the model's logits), not the images."""
+    from imgclf.bundle import read_meta
+    from imgclf.evaluation.run import calibrate_from_logits, report_from_logits
+
     row = {"epoch": 1, "train_loss": round(fit.train_loss, 5), "train_acc": round(fit.train_acc, 5),
            "val_loss": round(fit.val_loss, 5), "val_top1": round(fit.val_top1, 5), "val_top5": math.nan,
            "lr": math.nan, "seconds": math.nan, "images_per_s": math.nan}
-    save_bundle(out, model.cpu(), _bundle_meta(settings, run_data, prep, model, row))
-    _write_history(out, [row])
-    state = RunState(epoch=1, best_epoch=1, history=[row])
-    return _finish(out, "finished", state, Distributed(), evaluate, progress, 0.0)
+    model = model.cpu()
+    save_bundle(out, model, _bundle_meta(settings, run_data, prep, model, row))
+    write_history(out, [row])
+    _write_run_json(out, status="finished", epochs_done=1, best_epoch=1)
+    result = TrainResult(str(out), "finished", 1, 1)
+    if evaluate:
+        head = fit.head.cpu().eval()
+        with torch.no_grad():
+            logits = {split: head(f.x).numpy() for split, f in features.items() if len(f.samples)}
+        meta = read_meta(out)
+        if "val" in logits:
+            calibrate_from_logits(out, meta, logits["val"], features["val"].samples,
+                                  settings.evaluate.target_precision)
+        split = "test" if "test" in logits else "val"
+        result.metrics = report_from_logits(out, meta, logits[split], features[split].samples,
+                                            {"split": split, "data": "run split", "skipped": [],
+                                             "unknown_labels": 0})
+    return result

@@ -73,7 +73,7 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, l
 
 
 def _fit_mlp(x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor, num_classes: int,
-             hidden: int, loss_fn: nn.Module, seed: int, steps: int = 400) -> nn.Module:
+             hidden: int, loss_fn: nn.Module, seed: int, steps: int = 200) -> nn.Module:
     torch.manual_seed(seed)
     head = make_head(x.shape[1], num_classes, hidden)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)

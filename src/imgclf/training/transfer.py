@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from imgclf.data.audit import content_hashes
+from imgclf.data.scan import Sample
 from imgclf.models.factory import is_scratch_model, set_classifier
 from imgclf.settings import Settings
 from imgclf.training.data_setup import RunData
@@ -56,40 +58,52 @@ def use_class_weights(setting: str, targets: torch.Tensor, num_classes: int) -> 
     return bool(len(counts)) and float(counts.max() / counts.min()) >= 3.0
 
 
+@dataclass
+class SplitFeatures:
+    """Cached backbone features of one split: vectors, class indices and the samples they belong to."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    samples: list[Sample]
+
+
 def _features(model, run_data: RunData, split: str, hashes: dict, settings: Settings, prep, runtime,
-              views: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              views: int, progress: bool) -> SplitFeatures:
     samples = run_data.split(split)
     sample_hashes = [hashes[(s.path, s.index)] for s in samples]
     targets = torch.tensor(run_data.targets(samples), dtype=torch.long)
-    xs, ys = [], []
+    xs, ys, kept_samples = [], [], []
     for view in range(views + 1):
         store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view)
         x, kept = extract_features(model, samples, sample_hashes, store, prep, runtime, view,
                                    settings.train.seed, progress=progress)
         xs.append(x)
         ys.append(targets[kept])
-    return torch.cat(xs), torch.cat(ys)
+        kept_samples += [samples[i] for i in kept]
+    return SplitFeatures(torch.cat(xs), torch.cat(ys), kept_samples)
 
 
 def fit_transfer_head(model, run_data: RunData, settings: Settings, prep, runtime: Runtime, source: str,
-                      progress: bool) -> HeadFit:
-    """Cached features -> fitted head, installed as the model's classifier."""
+                      progress: bool) -> tuple[HeadFit, dict[str, SplitFeatures]]:
+    """Cached features -> fitted head, installed as the model's classifier. Also returns the val and
+    test features, from which head mode calibrates and evaluates without running the backbone again."""
     samples = run_data.samples
     digests = content_hashes(samples, settings.data, source)
     hashes = {(s.path, s.index): h for s, h in zip(samples, digests)}
-    train_x, train_y = _features(model, run_data, "train", hashes, settings, prep, runtime,
-                                 settings.train.distortions, progress)
-    val_x, val_y = _features(model, run_data, "val", hashes, settings, prep, runtime, 0, progress)
+    feats = {split: _features(model, run_data, split, hashes, settings, prep, runtime,
+                              settings.train.distortions if split == "train" else 0, progress)
+             for split in ("train", "val", "test")}
+    train, val = feats["train"], feats["val"]
     num_classes = len(run_data.classes)
-    weights = class_weights(train_y, num_classes) if use_class_weights(
-        settings.train.class_weights, train_y, num_classes) else None
-    fit = fit_head(train_x, train_y, val_x, val_y, num_classes, hidden=settings.model.head_hidden,
+    weights = class_weights(train.y, num_classes) if use_class_weights(
+        settings.train.class_weights, train.y, num_classes) else None
+    fit = fit_head(train.x, train.y, val.x, val.y, num_classes, hidden=settings.model.head_hidden,
                    weights=weights, label_smoothing=settings.train.label_smoothing, seed=settings.train.seed)
     set_classifier(model, fit.head.to(runtime.device))
-    print(f"head on {len(train_y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
+    print(f"head on {len(train.y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
           f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
           f"{', class-weighted loss' if weights is not None else ''}", file=sys.stderr)
-    return fit
+    return fit, feats
 
 
 def install_saved_head(model, meta: dict) -> None:
