@@ -53,7 +53,7 @@ def _row(spec: str, per_class: int, run_dir: Path, seconds: float) -> dict:
     return {"candidate": spec, "per_class": per_class or "all", "mode": meta.get("mode", ""),
             "val_top1": meta["metrics"]["val_top1"], "test_top1": metrics["top1"], "test_top5": metrics["top5"],
             "train_seconds": round(seconds, 1),
-            "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else float("nan"),
+            "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,  # head: no epochs
             "parameters": _parameters(run_dir),
             "size_mb": round((run_dir / "model.safetensors").stat().st_size / 2**20, 2), "run_dir": str(run_dir)}
 
@@ -110,7 +110,8 @@ def _write(rows: list[dict], best: dict, out: Path, few_shot: bool) -> None:
     for r in ranked:
         lines.append(f"| {r['candidate']} | {r['per_class']} | {r['mode']} | {100 * r['val_top1']:.1f}% | "
                      f"{100 * r['test_top1']:.1f}% | {100 * r['test_top5']:.1f}% | {r['train_seconds']:.0f} | "
-                     f"{r['train_images_per_s']} | {r['parameters']:,} | {r['size_mb']} |")
+                     f"{r['train_images_per_s'] if r['train_images_per_s'] is not None else '-'} | "
+                     f"{r['parameters']:,} | {r['size_mb']} |")
     plot_leaderboard(ranked, out / "leaderboard.png")
     lines += ["", "![leaderboard](leaderboard.png)"]
     if few_shot:

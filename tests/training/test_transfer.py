@@ -61,10 +61,21 @@ def test_finetune_trains_later_layers_and_keeps_early_ones_frozen(small_photos, 
 
 
 def test_auto_mode_says_what_it_chose(small_photos, tmp_path, capsys):
-    train(str(small_photos), tmp_path / "auto", {"image_size": 64, "finetune_epochs": 1, "batch_size": 32},
-          progress=False)
+    train(str(small_photos), tmp_path / "auto", {"image_size": 64}, progress=False)
     err = capsys.readouterr().err
-    assert "mode: finetune (" in err and "fit a CPU budget" in err
+    assert "mode: head (25 training photos per class are too few to fine-tune" in err
+
+
+def test_auto_mode_finetunes_when_data_and_budget_allow():
+    from imgclf.settings import Settings
+    from imgclf.training.hardware import Runtime
+    from imgclf.training.transfer import resolve_mode
+
+    cpu = Runtime(torch.device("cpu"), None, False)
+    assert resolve_mode(Settings(), True, cpu, 3000, 10)[0] == "finetune"
+    assert resolve_mode(Settings(), True, cpu, 200, 10)[0] == "head"  # 20 per class
+    assert resolve_mode(Settings(), True, cpu, 100_000, 10)[0] == "head"  # beyond a CPU budget
+    assert resolve_mode(Settings(), False, cpu, 3000, 10)[0] == "full"  # nothing pretrained at hand
 
 
 def test_scratch_model_cannot_use_head_mode(small_photos, tmp_path):

@@ -329,7 +329,7 @@ def _resolve(settings: Settings, model: nn.Module, pretrained: bool, runtime: Ru
              out: Path, info: Distributed) -> Settings:
     """Turn every "auto" into what this run uses, say why, and save the resolved settings."""
     m = settings.model
-    mode, why = resolve_mode(settings, pretrained, runtime, len(run_data.split("train")))
+    mode, why = resolve_mode(settings, pretrained, runtime, len(run_data.split("train")), len(run_data.classes))
     resolved = apply_overrides(settings, {"pretrained": "on" if pretrained else "off", "mode": mode,
                                           "image_size": resolve_image_size(m.image_size, m.model, model)})
     if info.is_main:
