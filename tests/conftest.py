@@ -62,3 +62,14 @@ def digits_run(digits_dir, tmp_path_factory) -> Path:
                  "augment": "none", "patience": 0}
     train(str(digits_dir), out, overrides, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def clothing_run(clothing, tmp_path_factory) -> Path:
+    """cnn4 trained briefly on all of clothing-small (real photos), shared by the tests that check
+    its accuracy, its run folder and its report."""
+    from imgclf.training.fit import train
+
+    out = tmp_path_factory.mktemp("clothing-run") / "run"
+    train(str(clothing), out, {"model": "cnn4", "image_size": 48, "epochs": 6, "patience": 0}, progress=False)
+    return out

@@ -5,6 +5,14 @@ import json
 import re
 from html.parser import HTMLParser
 
+import pytest
+
+
+@pytest.fixture(params=["digits_run", "clothing_run"])
+def run_dir(request):
+    """A run on the digit scans and one on real clothing photos."""
+    return request.getfixturevalue(request.param)
+
 
 class _Tables(HTMLParser):
     """Rows of every table, by table id, and the gallery cards' text."""
@@ -50,9 +58,9 @@ class _Tables(HTMLParser):
             self.cards[-1] += data + " "
 
 
-def test_report_html_agrees_with_metrics_json(digits_run):
-    metrics = json.loads((digits_run / "metrics.json").read_text())
-    page = (digits_run / "report.html").read_text()
+def test_report_html_agrees_with_metrics_json(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    page = (run_dir / "report.html").read_text()
     parsed = _Tables()
     parsed.feed(page)
     rows = {r[0]: r for r in parsed.tables["per-class"][1:]}
@@ -73,8 +81,8 @@ def test_report_html_agrees_with_metrics_json(digits_run):
                                                            for c in metrics["most_confused"]]
 
 
-def test_report_html_is_self_contained(digits_run):
-    page = (digits_run / "report.html").read_text()
+def test_report_html_is_self_contained(run_dir):
+    page = (run_dir / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page), "the report must not need a network"
     parsed = _Tables()
     parsed.feed(page)
@@ -83,9 +91,9 @@ def test_report_html_is_self_contained(digits_run):
         assert f'alt="{picture}"' in page
 
 
-def test_bundle_carries_calibration_and_threshold(digits_run):
-    meta = json.loads((digits_run / "model.json").read_text())
+def test_bundle_carries_calibration_and_threshold(run_dir):
+    meta = json.loads((run_dir / "model.json").read_text())
     assert 0.05 < meta["temperature"] < 20
     assert 0 < meta["threshold"]["threshold"] <= 1 and meta["threshold"]["target_precision"] == 0.95
-    calibration = json.loads((digits_run / "metrics.json").read_text())["calibration"]
+    calibration = json.loads((run_dir / "metrics.json").read_text())["calibration"]
     assert calibration["ece_after"] <= calibration["ece_before"] + 0.02

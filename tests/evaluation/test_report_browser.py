@@ -25,7 +25,7 @@ def _ensure_browser() -> None:
 
 
 @pytest.mark.slow
-def test_report_opens_in_chromium_without_errors_and_all_pictures(digits_run, tmp_path):
+def test_report_opens_in_chromium_without_errors_and_all_pictures(clothing_run, tmp_path):
     _ensure_browser()
     selenium = pytest.importorskip("selenium")
     from selenium import webdriver
@@ -41,7 +41,7 @@ def test_report_opens_in_chromium_without_errors_and_all_pictures(digits_run, tm
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
-        driver.get((digits_run / "report.html").resolve().as_uri())
+        driver.get((clothing_run / "report.html").resolve().as_uri())
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
@@ -57,3 +57,5 @@ def test_report_opens_in_chromium_without_errors_and_all_pictures(digits_run, tm
     broken = [alt for alt, complete, width in images if not complete or width == 0]
     assert not broken, f"pictures that did not load: {broken}"
     assert screenshot.stat().st_size > 20_000
+    gallery = [alt for alt, _, _ in images if alt.endswith(".jpg")]
+    assert len(gallery) >= 10  # thumbnails of real misclassified photos
