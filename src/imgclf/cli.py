@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     _add_setting_flags(p, SECTIONS_FOR["predict"])
 
+    p = sub.add_parser("export", help="export a trained model to ONNX (checked against PyTorch)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--int8", action="store_true", help="also write a static int8 model (calibrated, checked)")
+    p.add_argument("--out", help="folder for the exported bundle (default: RUN_DIR/onnx)")
+
     p = sub.add_parser("datasets", help="get public data sets (needs a network)")
     p.add_argument("action", choices=["download"])
     p.add_argument("name", choices=["fashion-mnist", "mnist"])
@@ -194,6 +200,11 @@ def _run(args: argparse.Namespace) -> int:
                                         min_confidence=p.min_confidence or None)
         _print_predictions(predictions, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
         return 0 if files else 1
+    if args.command == "export":
+        from imgclf.export import export
+
+        export(args.run_dir, args.out, int8=args.int8)
+        return 0
     if args.command == "datasets":
         from imgclf.data.idx import download
 
@@ -211,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgclf.bundle import BundleError
     from imgclf.data.images import ImageError
     from imgclf.data.scan import DataError
+    from imgclf.export import ExportError
     from imgclf.models.factory import ModelError
     from imgclf.settings import SettingsError
     from imgclf.training.checkpoint import CheckpointError
@@ -219,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (BundleError, DataError, ImageError, ModelError, SettingsError, CheckpointError, TrainError) as exc:
+    except (BundleError, DataError, ImageError, ModelError, SettingsError, CheckpointError, TrainError,
+            ExportError) as exc:
         print(f"imgclf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
