@@ -148,6 +148,24 @@ def _print_predictions(predictions, fmt: str, k: int, decided: bool = False) -> 
     return bad
 
 
+def _predictor(run_dir: str, backend: str, batch_size: int):
+    """The PyTorch bundle, or the ONNX export beside it (``RUN_DIR/onnx``, or RUN_DIR itself)."""
+    onnx_dir = next((d for d in (os.path.join(run_dir, "onnx"), run_dir)
+                     if os.path.exists(os.path.join(d, "model.onnx"))), None)
+    if backend == "onnx" or (backend == "auto" and onnx_dir):
+        if onnx_dir is None:
+            from imgclf.bundle import BundleError
+
+            raise BundleError(f"{run_dir}: no ONNX export here; run imgclf export {run_dir} first")
+        from imgclf.runtime import load_onnx
+
+        print(f"backend: onnx ({onnx_dir})", file=sys.stderr)
+        return load_onnx(onnx_dir, batch_size=batch_size)
+    import imgclf
+
+    return imgclf.load(run_dir, batch_size=batch_size)
+
+
 def _run(args: argparse.Namespace) -> int:
     import imgclf
 
@@ -195,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         files, missing = expand_inputs(args.inputs)
         for item in missing:
             print(f"error: {item}: no such file", file=sys.stderr)
-        clf = imgclf.load(args.run_dir, batch_size=p.predict_batch_size)
+        clf = _predictor(args.run_dir, p.backend, p.predict_batch_size)
         predictions = clf.predict_files(files, k=p.top_k, progress=sys.stderr.isatty(),
                                         min_confidence=p.min_confidence or None)
         _print_predictions(predictions, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))

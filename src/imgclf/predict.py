@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,30 +16,13 @@ from PIL import Image
 
 from imgclf.bundle import Bundle, BundleError, load_bundle
 from imgclf.data.dataset import prefetch_batches
+from imgclf.results import UNKNOWN, FilePrediction
 from imgclf.data.images import ImageError, load_image, to_rgb
 from imgclf.data.transforms import eval_tensor
 from imgclf.training.hardware import resolve_runtime
 from imgclf.training.loop import model_input
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-UNKNOWN = "unknown"  # the label given below the confidence threshold
-
-
-@dataclass
-class FilePrediction:
-    """The top-k of one file, or why it could not be read."""
-
-    path: str
-    labels: list[str] = field(default_factory=list)
-    probs: list[float] = field(default_factory=list)
-    error: str = ""
-    label: str = ""  # the decision: the top label, or "unknown" below the confidence threshold
-
-    def to_dict(self) -> dict:
-        if self.error:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
-                                                                zip(self.labels, self.probs)]}
 
 
 class Classifier:

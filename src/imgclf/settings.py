@@ -88,6 +88,8 @@ class PredictSettings:
     min_confidence: str = setting("", "below this top probability the label is 'unknown': a number, "
                                   "or auto for the bundle's recommended threshold")
     predict_batch_size: int = setting(64, "images per forward pass when predicting")
+    backend: str = setting("auto", "torch, or onnx (the folder written by imgclf export); auto: onnx when "
+                           "exported", choices=("auto", "torch", "onnx"))
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
 
 

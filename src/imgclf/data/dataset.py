@@ -129,18 +129,10 @@ class EpochSampler(Sampler):
         return max(0, len(self._indices()) - self.skip)
 
 
+
 def prefetch_batches(count: int, load: Callable[[int], torch.Tensor | None], batch_size: int,
-                     workers: int | None = None) -> Iterator[tuple[list[int], list[int], torch.Tensor | None]]:
-    """Yield ``(chunk, good, batch)`` over items ``0..count-1`` in order, decoding the next two
-    batches in a thread pool while the caller runs the model on this one. ``chunk`` lists the
-    items of this batch, ``good`` those that decoded (``load`` returns None for a failure), and
-    ``batch`` stacks them. Memory holds at most three batches."""
-    chunks = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        pending = [pool.map(load, chunk) for chunk in chunks[:2]]
-        for number, chunk in enumerate(chunks):
-            tensors = list(pending.pop(0))
-            if number + 2 < len(chunks):
-                pending.append(pool.map(load, chunks[number + 2]))
-            good = [i for i, t in zip(chunk, tensors) if t is not None]
-            yield chunk, good, (torch.stack([t for t in tensors if t is not None]) if good else None)
+                     workers: int | None = None):
+    """:func:`imgclf.data.preprocess.prefetch_batches` stacking torch tensors."""
+    from imgclf.data.preprocess import prefetch_batches as prefetch
+
+    return prefetch(count, load, batch_size, torch.stack, workers)

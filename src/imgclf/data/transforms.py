@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
+
+from imgclf.data.preprocess import eval_array, resize_short_side, to_chw
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 
@@ -45,24 +45,16 @@ class Preprocessing:
                    str(data["interpolation"]), float(data["crop_pct"]))
 
 
-def pil_to_uint8(image: Image.Image) -> torch.Tensor:
-    """An RGB Pillow image as a uint8 CHW tensor."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
-
-def resize_short_side(tensor: torch.Tensor, size: int, prep: Preprocessing) -> torch.Tensor:
-    return F.resize(tensor, [size], interpolation=prep.mode, antialias=True)
-
-
 def eval_tensor(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """The deterministic model input of one photo: short side resize, centre crop, uint8 CHW."""
-    tensor = resize_short_side(pil_to_uint8(image), prep.resize_size, prep)
-    return F.center_crop(tensor, [prep.image_size, prep.image_size])
+    """The deterministic model input of one photo: short side resize, centre crop, uint8 CHW.
+    Pillow does the resizing (see :mod:`imgclf.data.preprocess`) so the ONNX predictor, which has
+    no PyTorch, computes exactly the same input."""
+    return torch.from_numpy(eval_array(image, prep.image_size, prep.resize_size, prep.interpolation))
 
 
 def train_cache_tensor(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """What the training cache keeps: short side at the resize size, whole picture, uint8."""
-    return resize_short_side(pil_to_uint8(image), prep.resize_size, prep)
+    return torch.from_numpy(to_chw(resize_short_side(image, prep.resize_size, prep.interpolation)))
 
 
 def train_augmentation(preset: str, prep: Preprocessing) -> v2.Transform:

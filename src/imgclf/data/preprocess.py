@@ -1,0 +1,66 @@
+"""Model-input preprocessing without PyTorch (Pillow + NumPy), shared by every path: training's
+image cache, evaluation, the PyTorch predictor and the ONNX runtime predictor, so one photo gives
+one input whichever runs the model."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize_short_side(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Scale so the shorter side is ``size`` pixels (antialiased, as Pillow always is)."""
+    width, height = image.size
+    if min(width, height) == size:
+        return image
+    if width <= height:
+        new = (size, max(1, int(round(height * size / width))))
+    else:
+        new = (max(1, int(round(width * size / height))), size)
+    return image.resize(new, FILTERS[interpolation])
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """A centred ``size`` square (torchvision's rounding of the offsets)."""
+    width, height = image.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def eval_array(image: Image.Image, image_size: int, resize_size: int, interpolation: str) -> np.ndarray:
+    """The deterministic model input of one RGB photo: short-side resize, centre crop, uint8 CHW."""
+    return to_chw(center_crop(resize_short_side(image, resize_size, interpolation), image_size))
+
+
+def normalize(batch: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NCHW -> float32 scaled to [0, 1] then standardised."""
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return (batch.astype(np.float32) / 255.0 - mean) / std
+
+
+def prefetch_batches(count: int, load: Callable[[int], object], batch_size: int, stack: Callable = np.stack,
+                     workers: int | None = None) -> Iterator[tuple[list[int], list[int], object]]:
+    """Yield ``(chunk, good, batch)`` over items ``0..count-1`` in order, decoding the next two
+    batches in a thread pool while the caller runs the model on this one. ``chunk`` lists the
+    items of this batch, ``good`` those that decoded (``load`` returns None for a failure), and
+    ``batch`` stacks them (``stack``: np.stack or torch.stack). Memory holds at most three batches."""
+    chunks = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        pending = [pool.map(load, chunk) for chunk in chunks[:2]]
+        for number, chunk in enumerate(chunks):
+            items = list(pending.pop(0))
+            if number + 2 < len(chunks):
+                pending.append(pool.map(load, chunks[number + 2]))
+            good = [i for i, item in zip(chunk, items) if item is not None]
+            yield chunk, good, (stack([item for item in items if item is not None]) if good else None)

@@ -1,0 +1,65 @@
+"""The ONNX predictor works where PyTorch is not installed, and agrees with the PyTorch path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgclf
+from imgclf.cli import main
+from imgclf.export import export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(digits_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    export(digits_run, out)
+    return out
+
+
+def test_runtime_predictions_match_the_torch_path(digits_run, digits_dir, exported):
+    from imgclf.runtime import load_onnx
+
+    files = [str(p) for p in sorted(digits_dir.glob("*/0*.png"))[::7]][:120]
+    torch_clf, onnx_clf = imgclf.load(digits_run, precision="fp32"), load_onnx(exported)
+    assert list(onnx_clf.classes_) == list(torch_clf.classes_)
+    assert np.allclose(onnx_clf.predict_proba(files), torch_clf.predict_proba(files), atol=1e-4)
+    assert (onnx_clf.predict(files, k=3) == torch_clf.predict(files, k=3)).all()
+    results = list(onnx_clf.predict_files(files + ["/nonexistent.png"], k=2))
+    assert results[-1].error and [r.labels[0] for r in results[:-1]] == list(torch_clf.predict(files))
+
+
+def test_cli_backend_onnx(digits_run, digits_dir, exported, capsys):
+    files = [str(p) for p in sorted(digits_dir.glob("5/*.png"))[:5]]
+    assert main(["predict", str(exported), *files, "--backend", "onnx", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "backend: onnx" in captured.err and len(json.loads(captured.out)) == 5
+
+
+@pytest.mark.slow
+def test_runtime_in_a_venv_without_torch(digits_run, digits_dir, exported, tmp_path):
+    """A fresh virtual environment with only the runtime extra's packages (no torch) predicts a
+    folder with the same top-1 as the PyTorch path."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["--no-deps", str(REPO)], check=True, timeout=600, capture_output=True)
+    subprocess.run(pip + ["onnxruntime", "pillow", "numpy", "tqdm"], check=True, timeout=600, capture_output=True)
+    folder = digits_dir / "8"
+    script = ("import sys, json, glob; from imgclf.runtime import load_onnx; "
+              f"files = sorted(glob.glob({str(folder)!r} + '/*.png')); "
+              f"clf = load_onnx({str(exported)!r}); "
+              "print(json.dumps({'torch': 'torch' in sys.modules, 'labels': list(clf.predict(files)), 'files': files}))")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
+    assert check.returncode != 0 and not result["torch"], "torch must not be installed in the runtime venv"
+    expected = list(imgclf.load(digits_run, precision="fp32").predict(result["files"]))
+    assert result["labels"] == expected and len(expected) > 100
