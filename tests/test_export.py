@@ -59,7 +59,7 @@ def test_exported_model_predicts_like_the_bundle(digits_run, digits_dir, tmp_pat
     imgclf_export(digits_run, out)
     clf = imgclf.load(digits_run, precision="fp32")
     files = [str(p) for p in sorted(digits_dir.glob("*/01*.png"))[:40]]
-    x = np.stack([clf._tensor(f).numpy() for f in files]).astype(np.float32) / 255.0
+    x = np.stack([clf._input(f).numpy() for f in files]).astype(np.float32) / 255.0
     prep = clf.preprocessing
     x = (x - np.array(prep.mean, np.float32)[:, None, None]) / np.array(prep.std, np.float32)[:, None, None]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

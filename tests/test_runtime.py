@@ -63,3 +63,39 @@ def test_runtime_in_a_venv_without_torch(digits_run, digits_dir, exported, tmp_p
     assert check.returncode != 0 and not result["torch"], "torch must not be installed in the runtime venv"
     expected = list(imgclf.load(digits_run, precision="fp32").predict(result["files"]))
     assert result["labels"] == expected and len(expected) > 100
+
+
+@pytest.mark.slow
+def test_ten_thousand_files_bounded_memory_bad_files_and_progress(digits_dir, exported, tmp_path, capsys):
+    import os
+    import tracemalloc
+
+    from imgclf.runtime import load_onnx
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(digits_dir.glob("*/*.png"))
+    for i in range(10_000):
+        os.link(sources[i % len(sources)], folder / f"{i:05d}.png")  # links: fast, real files
+    for name in ("bad-a.png", "bad-b.png", "bad-c.png"):
+        (folder / name).write_bytes(b"not an image at all")
+    files = sorted(str(p) for p in folder.iterdir())
+    clf = load_onnx(exported)
+
+    def peak_while_streaming(paths: list[str], progress: bool) -> tuple[int, int, list[str]]:
+        tracemalloc.start()
+        count, errors = 0, []
+        for result in clf.predict_files(paths, k=5, progress=progress):
+            count += 1
+            if result.error:
+                errors.append(os.path.basename(result.path) + ": " + result.error)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, count, errors
+
+    small_peak, _, _ = peak_while_streaming(files[:1000], progress=False)
+    big_peak, count, errors = peak_while_streaming(files, progress=True)
+    assert count == 10_003
+    assert sorted(errors) == [f"bad-{c}.png: not an image" for c in "abc"]
+    assert big_peak < 2 * small_peak + 5_000_000, (small_peak, big_peak)  # does not grow with the file count
+    assert "10003/10003" in capsys.readouterr().err  # progress bar with images/s

@@ -239,6 +239,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from imgclf.bundle import BundleError
     from imgclf.data.images import ImageError
+    from imgclf.base import NoThresholdError
     from imgclf.data.scan import DataError
     from imgclf.export import ExportError
     from imgclf.models.factory import ModelError
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (BundleError, DataError, ImageError, ModelError, SettingsError, CheckpointError, TrainError,
-            ExportError) as exc:
+            ExportError, NoThresholdError) as exc:
         print(f"imgclf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,116 @@
+"""What every predictor shares, with no PyTorch here: the scikit-learn manners (``predict``,
+``predict_proba``, ``classes_``), the confidence threshold, and streaming many files with bad
+ones reported. A predictor supplies how one image becomes a model input (``_input``), how inputs
+are stacked (``_stack``) and how a batch becomes probabilities (``_proba_of_batch``)."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from imgclf.data.images import ImageError
+from imgclf.data.preprocess import prefetch_batches
+
+UNKNOWN = "unknown"  # the label given below the confidence threshold
+
+
+class NoThresholdError(ValueError):
+    """``min_confidence="auto"`` with a model that has no recommended threshold."""
+
+
+@dataclass
+class FilePrediction:
+    """The top-k of one file, or why it could not be read."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str = ""
+    label: str = ""  # the decision: the top label, or "unknown" below the confidence threshold
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.label, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
+                                                                zip(self.labels, self.probs)]}
+
+
+class BasePredictor:
+    classes_: np.ndarray
+    meta: dict
+    batch_size: int
+    _stack: Callable
+
+    def _input(self, item):  # one image (path, PIL image or HWC array) -> uint8 CHW model input
+        raise NotImplementedError
+
+    def _proba_of_batch(self, batch) -> np.ndarray:  # stacked inputs -> (n, classes) probabilities
+        raise NotImplementedError
+
+    def predict_proba(self, images) -> np.ndarray:
+        """(n, n_classes) probabilities, columns in the order of ``classes_``. Raises ImageError."""
+        items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if not items:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        return np.concatenate([self._proba_of_batch(self._stack([self._input(x) for x in items[i:i + self.batch_size]]))
+                               for i in range(0, len(items), self.batch_size)])
+
+    def predict(self, images, k: int = 1, min_confidence: float | str | None = None) -> np.ndarray:
+        """Labels: shape (n,) for ``k=1``, else (n, k) ranked best first. With ``min_confidence``
+        (a probability, or "auto" for the model's recommended threshold), a top label below it
+        becomes "unknown"."""
+        proba = self.predict_proba(images)
+        labels = self.classes_[np.argsort(-proba, axis=1)[:, :k]]
+        threshold = self.confidence_threshold(min_confidence)
+        if threshold is not None:
+            labels[:, 0] = np.where(proba.max(axis=1) >= threshold, labels[:, 0], UNKNOWN)
+        return labels[:, 0] if k == 1 else labels
+
+    def confidence_threshold(self, value: float | str | None) -> float | None:
+        """None (decide always), a number, or "auto": the threshold chosen on the validation split."""
+        if value in (None, ""):
+            return None
+        if value == "auto":
+            chosen = self.meta.get("threshold")
+            if not chosen:
+                raise NoThresholdError("this model has no recommended threshold (it was not calibrated); "
+                                       "give --min-confidence a number instead")
+            return float(chosen["threshold"])
+        return float(value)
+
+    def predict_files(self, paths: Iterable[str], k: int = 5, progress: bool = False, workers: int | None = None,
+                      min_confidence: float | str | None = None) -> Iterator[FilePrediction]:
+        """Top-k for many files, in order, decoding the next batches while this one runs.
+
+        A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
+        Memory stays bounded: at most three batches are decoded at a time.
+        """
+        from tqdm import tqdm
+
+        paths, k = list(paths), min(k, len(self.classes_))
+        threshold, errors = self.confidence_threshold(min_confidence), {}
+
+        def decode(index: int):
+            try:
+                return self._input(paths[index])
+            except ImageError as exc:
+                errors[index] = exc.reason
+                return None
+
+        with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
+            for chunk, good, batch in prefetch_batches(len(paths), decode, self.batch_size, self._stack, workers):
+                rows = dict(zip(good, self._proba_of_batch(batch))) if batch is not None else {}
+                for index in chunk:
+                    if index not in rows:
+                        yield FilePrediction(paths[index], error=errors.pop(index, "cannot decode"))
+                        continue
+                    order = np.argsort(-rows[index])[:k]
+                    top = float(rows[index][order[0]])
+                    label = str(self.classes_[order[0]]) if threshold is None or top >= threshold else UNKNOWN
+                    yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
+                                         [float(rows[index][j]) for j in order], label=label)
+                bar.update(len(chunk))
