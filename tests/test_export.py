@@ -45,6 +45,8 @@ def test_int8_export_is_checked_for_agreement_and_accuracy(digits_run, tmp_path)
         assert "int8 export failed its check" in str(exc)
         assert (tmp_path / "q" / "model.int8.failed.onnx").exists()
         assert not (tmp_path / "q" / "model.int8.onnx").exists()
+        meta = json.loads((tmp_path / "q" / "model.json").read_text())  # the fp32 export stays usable
+        assert meta["onnx"]["fp32"]["max_abs_diff_probs"] < 1e-4 and "failed" in meta["onnx"]["int8"]
         return
     int8 = report["int8"]
     assert int8["top1_agreement"] >= INT8_MIN_AGREEMENT

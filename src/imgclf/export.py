@@ -121,16 +121,25 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
         fp32_path.unlink()
         raise ExportError(f"ONNX fp32 differs from PyTorch by {difference:.2e} (limit {FP32_TOLERANCE:.0e})")
     report = {"fp32": {"file": "model.onnx", "max_abs_diff_probs": difference, "checked_images": len(x)}}
+    _write_meta(out, meta, report)  # the fp32 bundle is complete whatever happens to int8
     if int8:
-        report["int8"] = _export_int8(clf, split, test, fp32_path, out / "model.int8.onnx", calibration_images)
-    onnx_meta = {k: v for k, v in meta.items() if k not in ("settings",)}
-    onnx_meta["onnx"] = {"input": "pixels", "output": "logits", "layout": "NCHW float32, normalised", **report}
-    (out / "model.json").write_text(json.dumps(onnx_meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            report["int8"] = _export_int8(clf, split, test, fp32_path, out / "model.int8.onnx", calibration_images)
+        except ExportError as exc:
+            _write_meta(out, meta, {**report, "int8": {"failed": str(exc)}})
+            raise
+        _write_meta(out, meta, report)
     print(f"exported {fp32_path} (max prob diff {difference:.1e} on {len(x)} images)"
           + (f" and {out / 'model.int8.onnx'} (top-1 agreement {report['int8']['top1_agreement']:.3f}, "
              f"accuracy {report['int8']['accuracy']:.3f} vs {report['int8']['fp32_accuracy']:.3f})" if int8 else ""),
           file=sys.stderr)
     return report
+
+
+def _write_meta(out: Path, meta: dict, report: dict) -> None:
+    onnx_meta = {k: v for k, v in meta.items() if k != "settings"}
+    onnx_meta["onnx"] = {"input": "pixels", "output": "logits", "layout": "NCHW float32, normalised", **report}
+    (out / "model.json").write_text(json.dumps(onnx_meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _export_int8(clf, split: list, test: list, fp32_path: Path, int8_path: Path, calibration_images: int) -> dict:
