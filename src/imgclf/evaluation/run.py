@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from imgclf.data.dataset import decode_all
+from imgclf.data.dataset import open_sample, prefetch_batches
+from imgclf.data.images import ImageError
 from imgclf.data.scan import Sample, scan
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor
@@ -21,9 +23,6 @@ from imgclf.evaluation.metrics import compute_metrics, rollup_confusion
 from imgclf.evaluation.plots import plot_confusion, plot_history, plot_reliability
 from imgclf.evaluation.report import write_report_md
 from imgclf.predict import Classifier, load
-
-CHUNK = 1024  # images decoded at a time: bounded memory on large test sets
-
 
 def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], str]:
     """The run's own test split (val when it has none), or the test split / all of ``data``."""
@@ -37,18 +36,25 @@ def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], 
 
 
 def sample_logits(clf: Classifier, samples: list[Sample], progress: bool) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Raw logits for the samples that decode; returns (logits, kept indices, failures)."""
+    """Raw logits for the samples that decode; returns (logits, kept indices, failures). Decoding
+    runs ahead of the model in threads, a few batches at a time (the predictor's own pipeline)."""
     prep = clf.preprocessing
-    logits, kept, failures = [], [], []
-    for start in range(0, len(samples), CHUNK):
-        chunk = samples[start:start + CHUNK]
-        tensors, chunk_failures = decode_all(chunk, lambda im: eval_tensor(im, prep), prep, "evaluate", progress)
-        failures += chunk_failures
-        good = [i for i, t in enumerate(tensors) if t is not None]
-        for b in range(0, len(good), clf.batch_size):
-            batch = good[b:b + clf.batch_size]
-            logits.append(clf.logits_of_batch(torch.stack([tensors[i] for i in batch])))
-        kept += [start + i for i in good]
+    failures: list[dict] = []
+
+    def load(index: int) -> torch.Tensor | None:
+        try:
+            return eval_tensor(open_sample(samples[index], prep), prep)
+        except ImageError as exc:
+            failures.append({"path": exc.path, "reason": exc.reason})
+            return None
+
+    logits, kept = [], []
+    with tqdm(total=len(samples), desc="evaluate", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for chunk, good, batch in prefetch_batches(len(samples), load, clf.batch_size):
+            if batch is not None:
+                logits.append(clf.logits_of_batch(batch))
+                kept += good
+            bar.update(len(chunk))
     return (np.concatenate(logits) if logits else np.zeros((0, len(clf.classes_)))), kept, failures
 
 
