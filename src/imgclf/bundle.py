@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from imgclf.atomic import atomic_write
 
 from imgclf.data.transforms import Preprocessing
 
@@ -57,19 +58,6 @@ def library_versions() -> dict:
             "timm": timm.__version__}
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    from imgclf.training.checkpoint import fsync_replace
-
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False)
-    handle.close()
-    try:
-        writer(handle.name)
-        fsync_replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
     """Write weights then metadata, each atomically, into ``folder``."""
     folder = Path(folder)
@@ -78,9 +66,9 @@ def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
             "num_classes": len(meta["classes"]), "versions": library_versions(),
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    _atomic_write_bytes(folder / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(folder / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(folder / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def update_meta(folder: str | Path, fields: dict) -> dict:
@@ -88,7 +76,7 @@ def update_meta(folder: str | Path, fields: dict) -> dict:
     meta = read_meta(folder)
     meta.update(fields)
     text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(Path(folder) / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(Path(folder) / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return meta
 
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from imgclf.atomic import atomic_write
 from imgclf.data.images import ImageError, decode_image_bytes
 from imgclf.data.scan import Sample, ScanResult
 from imgclf.settings import DataSettings
@@ -97,9 +97,8 @@ def _save_cache(path: Path, files: dict) -> None:
     """Atomic: a killed audit never leaves a half-written cache behind."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump({"version": CACHE_VERSION, "files": files}, handle)
-        os.replace(handle.name, path)
+        text = json.dumps({"version": CACHE_VERSION, "files": files})
+        atomic_write(path, lambda temp: Path(temp).write_text(text))
     except OSError as exc:  # a cache that cannot be written only costs time next run
         print(f"warning: audit cache not written ({exc})", file=sys.stderr)
 

@@ -8,14 +8,14 @@ of tensors and a JSON tree in which each tensor is replaced by ``{"__tensor__": 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from imgclf.atomic import atomic_write
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -53,31 +53,14 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def fsync_replace(temp_path: str, final_path: Path) -> None:
-    """Make a finished temp file durable, then put it in place in one rename."""
-    with open(temp_path, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp_path, final_path)
-    try:  # the rename itself must reach the disk too
-        directory = os.open(final_path.parent, os.O_RDONLY)
-        os.fsync(directory)
-        os.close(directory)
-    except OSError:
-        pass
-
-
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` atomically. On failure (disk full...) the previous file stays intact."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, tensors, "")
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False)
-    handle.close()
     try:
-        save_file(tensors, handle.name, metadata={"imgclf_state": json.dumps(tree)})
-        fsync_replace(handle.name, path)
+        atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"imgclf_state": json.dumps(tree)}))
     except (OSError, SafetensorError) as exc:
-        Path(handle.name).unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
 
 

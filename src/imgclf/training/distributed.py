@@ -39,11 +39,6 @@ def init_distributed() -> Distributed:
     return Distributed(rank, local_rank, world_size)
 
 
-def barrier(info: Distributed) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def broadcast_flag(flag: bool, info: Distributed) -> bool:
     """Agree on a yes/no across processes (any process saying yes makes it yes)."""
     if not info.enabled:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from imgclf.atomic import atomic_write
 from imgclf.data.audit import cache_dir
 from imgclf.data.dataset import open_sample, prefetch_batches
 from imgclf.data.images import ImageError
@@ -43,10 +43,10 @@ class FeatureStore:
         self.vectors: dict[str, torch.Tensor] = {}
         if self.path.exists():
             try:
-                data = load_file(str(self.path))
-                hashes = json.loads(Path(str(self.path) + ".json").read_text())
-                self.vectors = dict(zip(hashes, data["features"]))
-            except (OSError, ValueError, KeyError):
+                with safe_open(str(self.path), framework="pt") as handle:
+                    hashes = json.loads(handle.metadata()["hashes"])
+                    self.vectors = dict(zip(hashes, handle.get_tensor("features")))
+            except (OSError, ValueError, KeyError, SafetensorError):
                 self.vectors = {}  # a damaged cache is only lost time
         self.dirty = False
 
@@ -56,13 +56,9 @@ class FeatureStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         hashes = list(self.vectors)
         stacked = torch.stack([self.vectors[h] for h in hashes]).contiguous()
-        for suffix, write in ((".safetensors", lambda p: save_file({"features": stacked}, p)),
-                              (".json", lambda p: Path(p).write_text(json.dumps(hashes)))):
-            target = self.path if suffix == ".safetensors" else Path(str(self.path) + ".json")
-            with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-                pass
-            write(handle.name)
-            Path(handle.name).replace(target)
+        # one file, the hashes in its header: vectors and their keys can never disagree
+        atomic_write(self.path, lambda temp: save_file({"features": stacked}, temp,
+                                                       metadata={"hashes": json.dumps(hashes)}))
         self.dirty = False
 
 

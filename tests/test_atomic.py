@@ -1,0 +1,41 @@
+"""Files we must not lose are replaced whole or not at all."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgclf.atomic import atomic_write
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
+    target = tmp_path / "checkpoint.safetensors"
+    target.write_text("old, complete content")
+
+    def disk_full(temp: str) -> None:
+        Path(temp).write_text("half of the new con")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, disk_full)
+    assert target.read_text() == "old, complete content"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
+    atomic_write(target, lambda temp: Path(temp).write_text("new"))
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_feature_cache_round_trips_in_one_file(tmp_path, monkeypatch):
+    import torch
+
+    from imgclf.data.transforms import Preprocessing
+    from imgclf.training.features import FeatureStore
+
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path))
+    prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    store = FeatureStore("m", "w", prep, 0)
+    store.vectors = {"aa": torch.ones(4, dtype=torch.float16), "bb": torch.zeros(4, dtype=torch.float16)}
+    store.dirty = True
+    store.save()
+    again = FeatureStore("m", "w", prep, 0)
+    assert set(again.vectors) == {"aa", "bb"} and torch.equal(again.vectors["aa"], torch.ones(4, dtype=torch.float16))
+    assert [p.suffix for p in store.path.parent.iterdir()] == [".safetensors"]
