@@ -18,6 +18,14 @@ from imgclf.data.preprocess import prefetch_batches
 UNKNOWN = "unknown"  # the label given below the confidence threshold
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities from logits divided by the calibration temperature (float64, stable)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 class NoThresholdError(ValueError):
     """``min_confidence="auto"`` with a model that has no recommended threshold."""
 
@@ -45,7 +53,7 @@ class BasePredictor:
     batch_size: int
     _stack: Callable
 
-    def _input(self, item):  # one image (path, PIL image or HWC array) -> uint8 CHW model input
+    def _input(self, item):  # one image (path, PIL image or HWC array) -> its CHW model input
         raise NotImplementedError
 
     def _proba_of_batch(self, batch) -> np.ndarray:  # stacked inputs -> (n, classes) probabilities

@@ -152,15 +152,16 @@ def _predictor(run_dir: str, backend: str, batch_size: int):
     """The PyTorch bundle, or the ONNX export beside it (``RUN_DIR/onnx``, or RUN_DIR itself)."""
     onnx_dir = next((d for d in (os.path.join(run_dir, "onnx"), run_dir)
                      if os.path.exists(os.path.join(d, "model.onnx"))), None)
-    if backend == "onnx" or (backend == "auto" and onnx_dir):
+    if backend in ("onnx", "openvino") or (backend == "auto" and onnx_dir):
         if onnx_dir is None:
             from imgclf.bundle import BundleError
 
             raise BundleError(f"{run_dir}: no ONNX export here; run imgclf export {run_dir} first")
         from imgclf.runtime import load_onnx
 
-        print(f"backend: onnx ({onnx_dir})", file=sys.stderr)
-        return load_onnx(onnx_dir, batch_size=batch_size)
+        clf = load_onnx(onnx_dir, batch_size=batch_size, backend=backend)
+        print(f"backend: {clf.backend} ({onnx_dir})", file=sys.stderr)
+        return clf
     import imgclf
 
     return imgclf.load(run_dir, batch_size=batch_size)

@@ -2,6 +2,8 @@
 
 - fp32: dynamic batch axis; the largest absolute difference of probabilities against PyTorch (fp32,
   no autocast) on test images must stay under 1e-4.
+- OpenVINO (where installed): top-1 agreement with PyTorch and speed against ONNX Runtime on this
+  CPU, recorded so the predictor's ``auto`` backend can follow the measurement.
 - int8: ONNX Runtime static quantization (QDQ, per-channel weights), calibrated on training
   images; top-1 agreement with fp32 on the test split must reach 99% and accuracy may drop by at
   most 1 point (dynamic int8 is slower than fp32 for these convolutional nets, so it is not offered).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -121,6 +124,9 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
         fp32_path.unlink()
         raise ExportError(f"ONNX fp32 differs from PyTorch by {difference:.2e} (limit {FP32_TOLERANCE:.0e})")
     report = {"fp32": {"file": "model.onnx", "max_abs_diff_probs": difference, "checked_images": len(x)}}
+    openvino = _check_openvino(fp32_path, x, reference, temperature)
+    if openvino:
+        report["openvino"] = openvino
     _write_meta(out, meta, report)  # the fp32 bundle is complete whatever happens to int8
     if int8:
         try:
@@ -129,11 +135,48 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
             _write_meta(out, meta, {**report, "int8": {"failed": str(exc)}})
             raise
         _write_meta(out, meta, report)
+    if openvino:
+        print(f"OpenVINO {openvino['precision']}: {openvino['images_per_s']:.0f} img/s vs ONNX Runtime "
+              f"{openvino['onnxruntime_images_per_s']:.0f}, top-1 agreement {openvino['top1_agreement']:.3f}"
+              f" -> {'recommended' if openvino['recommended'] else 'not recommended'} on this CPU", file=sys.stderr)
     print(f"exported {fp32_path} (max prob diff {difference:.1e} on {len(x)} images)"
           + (f" and {out / 'model.int8.onnx'} (top-1 agreement {report['int8']['top1_agreement']:.3f}, "
              f"accuracy {report['int8']['accuracy']:.3f} vs {report['int8']['fp32_accuracy']:.3f})" if int8 else ""),
           file=sys.stderr)
     return report
+
+
+def _images_per_second(run_batch, x: np.ndarray, batch_size: int = 32) -> float:
+    run_batch(x[:batch_size])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        run_batch(x[i:i + batch_size])
+    return len(x) / (time.perf_counter() - started)
+
+
+def _check_openvino(fp32_path: Path, x: np.ndarray, reference: np.ndarray, temperature: float) -> dict:
+    """Where OpenVINO is installed: its top-1 agreement with PyTorch fp32 and its speed against
+    ONNX Runtime on this CPU, on the check images. The predictor's ``auto`` backend follows the
+    recommendation only on a CPU with the same capabilities."""
+    try:
+        from imgclf.runtime import compile_openvino, cpu_capabilities, openvino_precision
+        precision = openvino_precision()
+    except ImportError:
+        return {}
+    import onnxruntime as ort
+
+    request = compile_openvino(fp32_path, precision)
+    probs = np.concatenate([softmax(request.infer({0: x[i:i + 32]})[0].copy(), temperature)
+                            for i in range(0, len(x), 32)])
+    session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    speed = _images_per_second(lambda b: request.infer({0: b}), x)
+    ort_speed = _images_per_second(lambda b: session.run(None, {"pixels": b}), x)
+    agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
+    return {"precision": precision, "top1_agreement": agreement,
+            "max_abs_diff_probs": float(np.abs(probs - reference).max()), "checked_images": len(x),
+            "images_per_s": round(speed, 1), "onnxruntime_images_per_s": round(ort_speed, 1),
+            "cpu_capabilities": cpu_capabilities(),
+            "recommended": agreement >= INT8_MIN_AGREEMENT and speed > ort_speed}
 
 
 def _write_meta(out: Path, meta: dict, report: dict) -> None:

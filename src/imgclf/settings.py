@@ -88,8 +88,9 @@ class PredictSettings:
     min_confidence: str = setting("", "below this top probability the label is 'unknown': a number, "
                                   "or auto for the bundle's recommended threshold")
     predict_batch_size: int = setting(64, "images per forward pass when predicting")
-    backend: str = setting("auto", "torch, or onnx (the folder written by imgclf export); auto: onnx when "
-                           "exported", choices=("auto", "torch", "onnx"))
+    backend: str = setting("auto", "torch; onnx (ONNX Runtime on the folder written by imgclf export); openvino "
+                           "(the same export); auto: the export's measured best on this CPU, else torch",
+                           choices=("auto", "torch", "onnx", "openvino"))
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
 
 

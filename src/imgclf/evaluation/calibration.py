@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from imgclf.base import softmax  # noqa: F401  (torch-free; shared with the ONNX predictor)
+
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """The temperature that minimises the validation negative log-likelihood (1.0 without data)."""
@@ -30,13 +32,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
     return temperature if math.isfinite(temperature) and 0.05 < temperature < 20 else 1.0
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict:
