@@ -99,3 +99,64 @@ def test_ten_thousand_files_bounded_memory_bad_files_and_progress(digits_dir, ex
     assert sorted(errors) == [f"bad-{c}.png: not an image" for c in "abc"]
     assert big_peak < 2 * small_peak + 5_000_000, (small_peak, big_peak)  # does not grow with the file count
     assert "10003/10003" in capsys.readouterr().err  # progress bar with images/s
+
+
+def test_one_photo_gives_one_input_in_evaluation_and_in_both_predictors(digits_run, exported, clothing):
+    """Evaluation, the PyTorch predictor and the ONNX predictor build the same model input from a
+    real JPEG (decoded in draft mode: this model's 24 px input is far smaller than the photo)."""
+    from imgclf.data.dataset import open_sample
+    from imgclf.data.preprocess import normalize
+    from imgclf.data.scan import Sample
+    from imgclf.data.transforms import eval_tensor
+    from imgclf.runtime import load_onnx
+
+    torch_clf, onnx_clf = imgclf.load(digits_run, precision="fp32"), load_onnx(exported)
+    prep = torch_clf.preprocessing
+    for path in sorted((clothing / "test").glob("*/*.jpg"))[::60][:6]:
+        evaluation = eval_tensor(open_sample(Sample(str(path), "x", "test"), prep), prep).numpy()
+        assert (torch_clf._input(str(path)).numpy() == evaluation).all()
+        assert np.array_equal(onnx_clf._input(str(path)), normalize(evaluation, prep.mean, prep.std))
+
+
+def test_openvino_backend_agrees_with_onnx_runtime_and_was_measured(digits_dir, exported):
+    from imgclf.runtime import cpu_capabilities, load_onnx
+
+    record = json.loads((exported / "model.json").read_text())["onnx"]["openvino"]
+    assert record["top1_agreement"] >= 0.99 and record["checked_images"] > 100
+    assert record["images_per_s"] > 0 and record["onnxruntime_images_per_s"] > 0
+    assert record["cpu_capabilities"] == cpu_capabilities()
+    files = [str(p) for p in sorted(digits_dir.glob("*/0*.png"))[::5]][:150]
+    openvino, onnx = load_onnx(exported, backend="openvino"), load_onnx(exported, backend="onnx")
+    assert openvino.backend == "openvino" and onnx.backend == "onnx"
+    assert (openvino.predict(files) == onnx.predict(files)).mean() >= 0.99
+    results = list(openvino.predict_files(files[:10] + ["/nonexistent.png"], k=3))
+    assert results[-1].error and all(len(r.labels) == 3 for r in results[:-1])
+
+
+def test_auto_backend_follows_the_measurement_only_on_the_same_cpu(exported, tmp_path):
+    import shutil
+
+    from imgclf.runtime import choose_backend, cpu_capabilities
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exported, folder)
+    meta = json.loads((folder / "model.json").read_text())
+
+    def record(**changes) -> str:
+        meta["onnx"]["openvino"] = {**meta["onnx"]["openvino"], **changes}
+        (folder / "model.json").write_text(json.dumps(meta))
+        return choose_backend(folder)
+
+    assert record(recommended=True, cpu_capabilities=cpu_capabilities()) == "openvino"
+    assert record(recommended=True, cpu_capabilities=["FP32"]) == "onnx"  # measured on another kind of CPU
+    assert record(recommended=False, cpu_capabilities=cpu_capabilities()) == "onnx"
+    del meta["onnx"]["openvino"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    assert choose_backend(folder) == "onnx"  # exported where OpenVINO was not installed
+
+
+def test_cli_backend_openvino(digits_dir, exported, capsys):
+    files = [str(p) for p in sorted(digits_dir.glob("3/*.png"))[:4]]
+    assert main(["predict", str(exported), *files, "--backend", "openvino", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "backend: openvino" in captured.err and len(json.loads(captured.out)) == 4
