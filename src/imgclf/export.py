@@ -4,9 +4,10 @@
   no autocast) on test images must stay under 1e-4.
 - OpenVINO (where installed): top-1 agreement with PyTorch and speed against ONNX Runtime on this
   CPU, recorded so the predictor's ``auto`` backend can follow the measurement.
-- int8: ONNX Runtime static quantization (QDQ, per-channel weights), calibrated on training
-  images; top-1 agreement with fp32 on the test split must reach 99% and accuracy may drop by at
-  most 1 point (dynamic int8 is slower than fp32 for these convolutional nets, so it is not offered).
+- int8: static post-training quantization (:mod:`imgclf.quantize`: QDQ, per-channel weights, bias
+  correction) that ONNX Runtime runs with its int8 kernels, calibrated on training images; top-1
+  agreement with fp32 on the test split must reach 99% and accuracy may drop by at most 1 point
+  (dynamic int8 is slower than fp32 for these convolutional nets, so it is not offered).
 
 The export folder is itself a bundle for the torch-free predictor (:mod:`imgclf.runtime`):
 ``model.onnx`` (and ``model.int8.onnx``) beside a ``model.json`` with classes, preprocessing,
@@ -30,6 +31,7 @@ from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor, normalize_batch
 from imgclf.evaluation.calibration import softmax
 from imgclf.predict import load
+from imgclf.quantize import quantize_int8
 
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
@@ -81,27 +83,6 @@ def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
         torch.onnx.export(model.float().eval().cpu(), (dummy,), str(path), input_names=["pixels"],
                           output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
                           external_data=False, verbose=False)
-
-
-def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"pixels": calibration[i:i + 16]} for i in range(0, len(calibration), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared = int8.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    # percentile calibration measured best of MinMax / Entropy / Percentile on clothing-small Lite0
-    quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.Percentile)
-    prepared.unlink(missing_ok=True)
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, check_images: int = 256,
@@ -188,7 +169,7 @@ def _write_meta(out: Path, meta: dict, report: dict) -> None:
 def _export_int8(clf, split: list, test: list, fp32_path: Path, int8_path: Path, calibration_images: int) -> dict:
     train = [s for s in split if s.split == "train"]
     calibration, _ = _inputs(clf, train, calibration_images, "calibrate int8")
-    _quantize_int8(fp32_path, int8_path, calibration)
+    method = quantize_int8(fp32_path, int8_path, calibration)
     x, rows = _inputs(clf, test, 0, "check int8")
     index = {label: i for i, label in enumerate(clf.classes_.tolist())}
     targets = np.array([index.get(test[r].label, -1) for r in rows])
@@ -196,7 +177,7 @@ def _export_int8(clf, split: list, test: list, fp32_path: Path, int8_path: Path,
     int8_top1 = _onnx_logits(int8_path, x).argmax(1)
     result = {"file": "model.int8.onnx", "top1_agreement": float((fp32_top1 == int8_top1).mean()),
               "accuracy": float((int8_top1 == targets).mean()), "fp32_accuracy": float((fp32_top1 == targets).mean()),
-              "checked_images": len(x), "calibration_images": len(calibration)}
+              "checked_images": len(x), "calibration_images": len(calibration), **method}
     if result["top1_agreement"] < INT8_MIN_AGREEMENT or result["fp32_accuracy"] - result["accuracy"] > INT8_MAX_DROP:
         shutil.move(str(int8_path), str(int8_path.with_suffix(".failed.onnx")))
         raise ExportError(f"int8 export failed its check: top-1 agreement {result['top1_agreement']:.3f} "
