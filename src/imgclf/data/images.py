@@ -169,7 +169,8 @@ def decode_image_bytes(
             image.draft("RGB", (draft_size * 2, draft_size * 2))
         image.seek(0)  # animated GIF/WebP/TIFF: the first frame only
         image.load()
-        image = to_rgb(ImageOps.exif_transpose(image) or image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: a copy of every photo cost 0.35 ms
+        image = to_rgb(image)
         return (image, stored_size) if with_size else image
     except ImageError:
         raise
