@@ -160,3 +160,23 @@ def test_cli_backend_openvino(digits_dir, exported, capsys):
     assert main(["predict", str(exported), *files, "--backend", "openvino", "--format", "json"]) == 0
     captured = capsys.readouterr()
     assert "backend: openvino" in captured.err and len(json.loads(captured.out)) == 4
+
+
+@pytest.mark.slow
+def test_cli_predict_int8(digits_run, digits_dir, tmp_path, capsys):
+    """The int8 model runs from the command line (when export kept it: a refused one is set aside
+    and predict says it is not exported)."""
+    from imgclf.export import ExportError, export
+
+    out = tmp_path / "onnx"
+    try:
+        export(digits_run, out, int8=True)
+    except ExportError:
+        (out / "model.int8.failed.onnx").rename(out / "model.int8.onnx")  # run it anyway: this checks the wiring
+    files = [str(p) for p in sorted(digits_dir.glob("7/*.png"))[:6]]
+    capsys.readouterr()  # the export's own output
+    assert main(["predict", str(out), *files, "--int8", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "backend: onnx int8" in captured.err and len(json.loads(captured.out)) == 6
+    assert main(["predict", str(out), *files, "--int8", "--backend", "torch"]) == 1
+    assert "--int8 runs on ONNX Runtime" in capsys.readouterr().err

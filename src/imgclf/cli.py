@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from imgclf.settings import Settings, section_fields
+from imgclf.settings import Settings, SettingsError, section_fields
 
 SECTIONS_FOR = {"check": ("data",), "train": ("data", "model", "train", "evaluate"), "predict": ("predict",)}
 
@@ -148,19 +148,21 @@ def _print_predictions(predictions, fmt: str, k: int, decided: bool = False) -> 
     return bad
 
 
-def _predictor(run_dir: str, backend: str, batch_size: int):
+def _predictor(run_dir: str, backend: str, batch_size: int, int8: bool = False):
     """The PyTorch bundle, or the ONNX export beside it (``RUN_DIR/onnx``, or RUN_DIR itself)."""
     onnx_dir = next((d for d in (os.path.join(run_dir, "onnx"), run_dir)
                      if os.path.exists(os.path.join(d, "model.onnx"))), None)
-    if backend in ("onnx", "openvino") or (backend == "auto" and onnx_dir):
+    if int8 and backend in ("torch", "openvino"):
+        raise SettingsError(f"--int8 runs on ONNX Runtime: use --backend onnx or auto, not {backend}")
+    if int8 or backend in ("onnx", "openvino") or (backend == "auto" and onnx_dir):
         if onnx_dir is None:
             from imgclf.bundle import BundleError
 
             raise BundleError(f"{run_dir}: no ONNX export here; run imgclf export {run_dir} first")
         from imgclf.runtime import load_onnx
 
-        clf = load_onnx(onnx_dir, batch_size=batch_size, backend=backend)
-        print(f"backend: {clf.backend} ({onnx_dir})", file=sys.stderr)
+        clf = load_onnx(onnx_dir, int8=int8, batch_size=batch_size, backend="onnx" if int8 else backend)
+        print(f"backend: {clf.backend}{' int8' if int8 else ''} ({onnx_dir})", file=sys.stderr)
         return clf
     import imgclf
 
@@ -214,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
         files, missing = expand_inputs(args.inputs)
         for item in missing:
             print(f"error: {item}: no such file", file=sys.stderr)
-        clf = _predictor(args.run_dir, p.backend, p.predict_batch_size)
+        clf = _predictor(args.run_dir, p.backend, p.predict_batch_size, p.int8)
         predictions = clf.predict_files(files, k=p.top_k, progress=sys.stderr.isatty(),
                                         min_confidence=p.min_confidence or None)
         _print_predictions(predictions, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
@@ -244,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     from imgclf.data.scan import DataError
     from imgclf.export import ExportError
     from imgclf.models.factory import ModelError
-    from imgclf.settings import SettingsError
     from imgclf.training.checkpoint import CheckpointError
     from imgclf.training.fit import TrainError
 

@@ -91,6 +91,7 @@ class PredictSettings:
     backend: str = setting("auto", "torch; onnx (ONNX Runtime on the folder written by imgclf export); openvino "
                            "(the same export); auto: the export's measured best on this CPU, else torch",
                            choices=("auto", "torch", "onnx", "openvino"))
+    int8: bool = setting(False, "run the int8 model written by imgclf export --int8 (on ONNX Runtime)")
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
 
 
