@@ -67,3 +67,18 @@ def test_exported_model_predicts_like_the_bundle(digits_run, digits_dir, tmp_pat
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_labels = clf.classes_[session.run(None, {"pixels": x})[0].argmax(1)]
     assert (onnx_labels == clf.predict(files)).all()
+
+
+def test_an_openvino_failure_leaves_the_onnx_export_whole(digits_run, tmp_path, monkeypatch):
+    import imgclf.runtime
+    from imgclf.runtime import choose_backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(imgclf.runtime, "compile_openvino", broken)
+    out = tmp_path / "onnx"
+    assert main(["export", str(digits_run), "--out", str(out)]) == 0
+    record = json.loads((out / "model.json").read_text())["onnx"]["openvino"]
+    assert "unsupported operation" in record["error"] and not record["recommended"]
+    assert choose_backend(out) == "onnx"

@@ -180,3 +180,12 @@ def test_cli_predict_int8(digits_run, digits_dir, tmp_path, capsys):
     assert "backend: onnx int8" in captured.err and len(json.loads(captured.out)) == 6
     assert main(["predict", str(out), *files, "--int8", "--backend", "torch"]) == 1
     assert "--int8 runs on ONNX Runtime" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_is_a_clear_error(digits_dir, exported, capsys, monkeypatch):
+    files = [str(p) for p in sorted(digits_dir.glob("1/*.png"))[:2]]
+    assert main(["predict", str(exported), *files, "--int8"]) == 1  # exported without --int8
+    assert "model.int8.onnx: not exported (imgclf export --int8)" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    assert main(["predict", str(exported), *files, "--backend", "openvino"]) == 1
+    assert "pip install 'imgclf[openvino]'" in capsys.readouterr().err

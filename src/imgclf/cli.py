@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgclf.data.scan import DataError
     from imgclf.export import ExportError
     from imgclf.models.factory import ModelError
+    from imgclf.runtime import BackendError
     from imgclf.training.checkpoint import CheckpointError
     from imgclf.training.fit import TrainError
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (BundleError, DataError, ImageError, ModelError, SettingsError, CheckpointError, TrainError,
-            ExportError, NoThresholdError) as exc:
+            ExportError, NoThresholdError, BackendError) as exc:
         print(f"imgclf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,6 +21,10 @@ from imgclf.data.images import load_image, to_rgb
 from imgclf.data.preprocess import eval_array, normalize
 
 
+class BackendError(RuntimeError):
+    """The asked-for engine cannot run here (not installed, or the export lacks the file)."""
+
+
 class OnnxClassifier(BasePredictor):
     """Predicts labels for photos with an exported ONNX bundle (fp32, or int8 with ``int8=True``)
     on ONNX Runtime."""
@@ -32,7 +36,7 @@ class OnnxClassifier(BasePredictor):
         self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         name = "model.int8.onnx" if int8 else "model.onnx"
         if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name}: not exported (imgclf export{' --int8' if int8 else ''})")
+            raise BackendError(f"{folder / name}: not exported (imgclf export{' --int8' if int8 else ''})")
         self._open(folder / name, threads)
         prep = self.meta["preprocessing"]
         self.image_size, self.interpolation = int(prep["image_size"]), prep["interpolation"]
@@ -104,6 +108,10 @@ class OpenVinoClassifier(OnnxClassifier):
     backend = "openvino"
 
     def _open(self, path: Path, threads: int) -> None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise BackendError("the openvino backend needs OpenVINO: pip install 'imgclf[openvino]'") from None
         self.precision = openvino_precision()
         self.request = compile_openvino(path, self.precision, threads)
 
