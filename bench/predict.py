@@ -5,7 +5,7 @@
   set-aside *.failed.onnx is measured and marked), OpenVINO (bf16 where the CPU has it), and
   PyTorch eager (bf16 autocast + channels_last where the CPU has it).
   Images/s at batch 32 (median of three passes) and at batch 1, and latency p50/p99 of a call on
-  a batch of 32 and on one photo.
+  a batch of 32 and on one photo; then ONNX Runtime fp32 raw and end to end at batch sizes 8-64.
 
     .venv/bin/python bench/predict.py RUN_DIR      # exports RUN_DIR/onnx first if needed
 """
@@ -103,6 +103,16 @@ def main(run_dir: str, latency_images: int = 100) -> None:
     for label, speed, p50_32, p99_32, speed1, p50, p99 in rows:
         print(f"| {label} | {speed:.1f} | {speed / rows[0][1]:.2f} | {p50_32:.0f} / {p99_32:.0f} | {speed1:.1f} "
               f"| {p50:.1f} / {p99:.1f} |")
+
+    print()
+    print("| batch size | raw ONNX Runtime fp32, images/s | imgclf ONNX Runtime fp32 files -> top-5, images/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for batch_size in (8, 16, 32, 64):
+        clf = OnnxClassifier(run / "onnx", batch_size=batch_size)
+        raw = _throughput(lambda: [session.run(None, {"pixels": x[i:i + batch_size]})
+                                   for i in range(0, len(x), batch_size)], len(x))
+        end_to_end = _throughput(lambda: list(clf.predict_files(files, k=5)), len(files))
+        print(f"| {batch_size} | {raw:.1f} | {end_to_end:.1f} | {end_to_end / raw:.2f} |")
 
 
 if __name__ == "__main__":
