@@ -59,6 +59,8 @@ def activations_as_uint8(model) -> int:
 def nncf_quantize(model, calibration: np.ndarray, keep_float: list[str], input_name: str = "pixels"):
     """NNCF's QDQ model of ``model`` (onnx.ModelProto) calibrated on ``calibration`` (normalised
     NCHW float32 images), with bias correction; ``keep_float`` nodes stay in float."""
+    # importing NNCF imports torch's C++-extension helper, which warns that this CPU machine has no CUDA
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
