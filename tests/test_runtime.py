@@ -35,11 +35,12 @@ def test_runtime_predictions_match_the_torch_path(digits_run, digits_dir, export
     assert results[-1].error and [r.labels[0] for r in results[:-1]] == list(torch_clf.predict(files))
 
 
-def test_cli_backend_onnx(digits_run, digits_dir, exported, capsys):
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_cli_backend(digits_dir, exported, capsys, backend):
     files = [str(p) for p in sorted(digits_dir.glob("5/*.png"))[:5]]
-    assert main(["predict", str(exported), *files, "--backend", "onnx", "--format", "json"]) == 0
+    assert main(["predict", str(exported), *files, "--backend", backend, "--format", "json"]) == 0
     captured = capsys.readouterr()
-    assert "backend: onnx" in captured.err and len(json.loads(captured.out)) == 5
+    assert f"backend: {backend} (" in captured.err and len(json.loads(captured.out)) == 5
 
 
 @pytest.mark.slow
@@ -153,13 +154,6 @@ def test_auto_backend_follows_the_measurement_only_on_the_same_cpu(exported, tmp
     del meta["onnx"]["openvino"]
     (folder / "model.json").write_text(json.dumps(meta))
     assert choose_backend(folder) == "onnx"  # exported where OpenVINO was not installed
-
-
-def test_cli_backend_openvino(digits_dir, exported, capsys):
-    files = [str(p) for p in sorted(digits_dir.glob("3/*.png"))[:4]]
-    assert main(["predict", str(exported), *files, "--backend", "openvino", "--format", "json"]) == 0
-    captured = capsys.readouterr()
-    assert "backend: openvino" in captured.err and len(json.loads(captured.out)) == 4
 
 
 @pytest.mark.slow
