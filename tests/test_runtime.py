@@ -174,6 +174,8 @@ def test_cli_predict_int8(digits_run, digits_dir, tmp_path, capsys):
     assert "backend: onnx int8" in captured.err and len(json.loads(captured.out)) == 6
     assert main(["predict", str(out), *files, "--int8", "--backend", "torch"]) == 1
     assert "--int8 runs on ONNX Runtime" in capsys.readouterr().err
+    assert main(["predict", str(out), *files, "--int8", "--backend", "openvino"]) == 1
+    assert "the int8 model runs on ONNX Runtime" in capsys.readouterr().err
 
 
 def test_a_backend_that_cannot_run_is_a_clear_error(digits_dir, exported, capsys, monkeypatch):

@@ -152,8 +152,8 @@ def _predictor(run_dir: str, backend: str, batch_size: int, int8: bool = False):
     """The PyTorch bundle, or the ONNX export beside it (``RUN_DIR/onnx``, or RUN_DIR itself)."""
     onnx_dir = next((d for d in (os.path.join(run_dir, "onnx"), run_dir)
                      if os.path.exists(os.path.join(d, "model.onnx"))), None)
-    if int8 and backend in ("torch", "openvino"):
-        raise SettingsError(f"--int8 runs on ONNX Runtime: use --backend onnx or auto, not {backend}")
+    if int8 and backend == "torch":
+        raise SettingsError("--int8 runs on ONNX Runtime: use --backend onnx or auto, not torch")
     if int8 or backend in ("onnx", "openvino") or (backend == "auto" and onnx_dir):
         if onnx_dir is None:
             from imgclf.bundle import BundleError
@@ -161,7 +161,7 @@ def _predictor(run_dir: str, backend: str, batch_size: int, int8: bool = False):
             raise BundleError(f"{run_dir}: no ONNX export here; run imgclf export {run_dir} first")
         from imgclf.runtime import load_onnx
 
-        clf = load_onnx(onnx_dir, int8=int8, batch_size=batch_size, backend="onnx" if int8 else backend)
+        clf = load_onnx(onnx_dir, int8=int8, batch_size=batch_size, backend=backend)
         print(f"backend: {clf.backend}{' int8' if int8 else ''} ({onnx_dir})", file=sys.stderr)
         return clf
     import imgclf

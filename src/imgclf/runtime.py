@@ -140,6 +140,7 @@ def load_onnx(folder: str | os.PathLike, int8: bool = False, batch_size: int = 3
         backend = "onnx" if int8 else choose_backend(folder)
     if backend == "openvino":
         if int8:
-            raise ValueError("the OpenVINO backend runs the fp32 export (in bf16 where the CPU has it)")
+            raise BackendError("the int8 model runs on ONNX Runtime; the OpenVINO backend runs the fp32 export "
+                               "(in bf16 where the CPU has it)")
         return OpenVinoClassifier(folder, batch_size=batch_size)
     return OnnxClassifier(folder, int8=int8, batch_size=batch_size)
