@@ -35,13 +35,19 @@ def _ort_static(fp32: Path, out: Path, calibration: np.ndarray, method: str) -> 
                     extra_options={"CalibMovingAverage": True} if method == "MinMax" else {})
 
 
-def _nncf(fp32: Path, out: Path, calibration: np.ndarray, keep_ends: bool) -> None:
+def _ends(model) -> list[str]:
+    """The first and last convolutions only (imgclf's choice before the high-resolution layers)."""
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    return [convs[0], convs[-1]]
+
+
+def _nncf(fp32: Path, out: Path, calibration: np.ndarray, keep_float) -> None:
     import onnx
 
-    from imgclf.quantize import activations_as_uint8, end_convolutions, nncf_quantize
+    from imgclf.quantize import activations_as_uint8, nncf_quantize
 
     model = onnx.load(str(fp32))
-    quantized = nncf_quantize(model, calibration, end_convolutions(model) if keep_ends else [])
+    quantized = nncf_quantize(model, calibration, keep_float(model))
     activations_as_uint8(quantized)
     onnx.save(quantized, str(out))
 
@@ -60,6 +66,7 @@ def main(run_dir: str, calibration_images: int = 256) -> None:
     from imgclf.data.split import read_split_csv
     from imgclf.export import _inputs
     from imgclf.predict import load
+    from imgclf.quantize import float_layers
 
     run = Path(run_dir)
     fp32 = run / "onnx" / "model.onnx"
@@ -75,8 +82,10 @@ def main(run_dir: str, calibration_images: int = 256) -> None:
     calibrations = [_inputs(clf, train[start::3], calibration_images, "calibrate")[0] for start in range(3)]
     methods = {"ONNX Runtime quantize_static, MinMax (moving average)": lambda o, c: _ort_static(fp32, o, c, "MinMax"),
                "ONNX Runtime quantize_static, Percentile": lambda o, c: _ort_static(fp32, o, c, "Percentile"),
-               "NNCF + bias correction, all convs int8": lambda o, c: _nncf(fp32, o, c, keep_ends=False),
-               "NNCF + bias correction, first/last conv float (imgclf)": lambda o, c: _nncf(fp32, o, c, keep_ends=True)}
+               "NNCF + bias correction, all layers int8": lambda o, c: _nncf(fp32, o, c, lambda m: []),
+               "NNCF + bias correction, first/last conv float": lambda o, c: _nncf(fp32, o, c, _ends),
+               "NNCF + bias correction, high-resolution convs, last conv and classifier float (imgclf)":
+                   lambda o, c: _nncf(fp32, o, c, float_layers)}
     print(f"{len(sets['val'][0])} validation and {len(sets['test'][0])} test photos; {calibration_images} "
           f"calibration photos per set; fp32 ONNX Runtime {sets['test'][2][1]:.0f} img/s")
     print("| method | calibration set | val agreement (differ) | test agreement (differ) | test accuracy (fp32) "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from imgclf.export import _export_fp32
-from imgclf.quantize import activations_as_uint8, end_convolutions, nncf_quantize
+from imgclf.quantize import activations_as_uint8, float_layers, nncf_quantize
 
 
 class Residual(torch.nn.Module):
@@ -66,9 +66,10 @@ def _optimized_ops(model, tmp_path) -> Counter:
 @pytest.mark.slow
 def test_uint8_reencoding_is_exact_and_every_quantized_conv_runs_int8(model_and_images, tmp_path):
     model, x = model_and_images
-    keep_float = end_convolutions(model)
-    convs = sum(node.op_type == "Conv" for node in model.graph.node)
-    assert len(keep_float) == 2 and convs == 12
+    keep_float = float_layers(model)
+    conv_names = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    float_convs = [name for name in keep_float if name in conv_names]
+    assert float_convs == sorted([conv_names[0], conv_names[-1]]) and len(conv_names) == 12  # no downsampling
     raw = nncf_quantize(model, x[:64], keep_float)  # calibrated on 64 photos, checked on all 96
     encoded = onnx.ModelProto()
     encoded.CopyFrom(raw)
@@ -80,5 +81,31 @@ def test_uint8_reencoding_is_exact_and_every_quantized_conv_runs_int8(model_and_
     # with no graph rewriting, Q/DQ run as written: the re-encoding changes no number
     assert np.array_equal(_run_as_written(raw, x), _run_as_written(encoded, x))
     ops = _optimized_ops(encoded, tmp_path)
-    assert ops["QLinearConv"] == convs - len(keep_float), ops
+    assert ops["QLinearConv"] == len(conv_names) - len(float_convs), ops
     assert _optimized_ops(raw, tmp_path)["QLinearConv"] < ops["QLinearConv"]
+
+
+class Downsampling(torch.nn.Module):
+    """Ten convolutions halving a 64-pixel input down to 2 pixels, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        strides = [2, 1, 2, 1, 2, 1, 2, 1, 2, 1]  # sides read: 64, 32, 32, 16, 16, 8, 8, 4, 4, 2
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, stride, 1)
+                                         for i, stride in enumerate(strides))
+        self.classifier = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.classifier(x.mean((2, 3)))
+
+
+def test_float_layers_are_the_high_resolution_convolutions_the_last_and_the_classifier(tmp_path):
+    _export_fp32(Downsampling(), 64, tmp_path / "down.onnx")
+    model = onnx.load(str(tmp_path / "down.onnx"))
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    gemm = [node.name for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
+    # reading sides of 16 or more (8x the last convolution's 2): the first five, then the last one
+    assert float_layers(model) == sorted(convs[:5] + [convs[-1]] + gemm) and len(gemm) == 1
+    assert float_layers(model, min_convs=11) == []  # a small network is quantized whole
