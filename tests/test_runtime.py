@@ -35,6 +35,30 @@ def test_runtime_predictions_match_the_torch_path(digits_run, digits_dir, export
     assert results[-1].error and [r.labels[0] for r in results[:-1]] == list(torch_clf.predict(files))
 
 
+def test_two_batches_at_once_keep_the_order_and_the_answers(digits_dir, exported, tmp_path):
+    """A job of several batches runs two at a time (on a machine with 2+ cores): the results come
+    back in file order, equal to one batch at a time, with a batch of only bad files between."""
+    import os
+
+    from imgclf.runtime import OnnxClassifier
+
+    bad = []
+    for i in range(4):  # a whole batch of unreadable files
+        bad.append(tmp_path / f"bad-{i}.png")
+        bad[-1].write_bytes(b"not an image")
+    good = [str(p) for p in sorted(digits_dir.glob("*/1*.png"))[:30]]
+    files = good[:8] + [str(p) for p in bad] + good[8:]
+    clf = OnnxClassifier(exported, batch_size=4)
+    if (os.cpu_count() or 1) >= 2:
+        assert clf._batch_runner(batches=len(files) // 4)[0] == 2 and clf._batch_runner(batches=1)[0] == 1
+    results = list(clf.predict_files(files, k=3))
+    assert [r.path for r in results] == files
+    assert [bool(r.error) for r in results] == [False] * 8 + [True] * 4 + [False] * 22
+    one_at_a_time = clf.predict_proba(good)  # batch after batch on the one all-core session
+    assert np.allclose([r.probs[0] for r in results if not r.error], one_at_a_time.max(1), atol=1e-5)
+    assert [r.labels[0] for r in results if not r.error] == list(clf.classes_[one_at_a_time.argmax(1)])
+
+
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_cli_backend(digits_dir, exported, capsys, backend):
     files = [str(p) for p in sorted(digits_dir.glob("5/*.png"))[:5]]

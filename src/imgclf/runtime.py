@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class OnnxClassifier(BasePredictor):
 
     def __init__(self, folder: str | os.PathLike, int8: bool = False, batch_size: int = 32, threads: int = 0):
         folder = Path(folder)
+        self._stream_session = None  # opened on the first job of several batches, see _batch_runner
         self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         name = "model.int8.onnx" if int8 else "model.onnx"
         if not (folder / name).exists():
@@ -48,6 +50,11 @@ class OnnxClassifier(BasePredictor):
         self._stack = np.stack
 
     def _open(self, path: Path, threads: int) -> None:
+        self.model_path = path
+        self.session = self._session(threads)  # every core on one batch: the lowest latency
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _session(self, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -56,8 +63,20 @@ class OnnxClassifier(BasePredictor):
         # Spinning threads would take the cores from the photo decoding that runs beside the model
         # (measured on 2 cores: 170 vs 160 img/s end to end).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        return ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+
+    def _batch_runner(self, batches: int):
+        """Two batches at once, each on half the cores, when a job has several: a batch on all
+        cores waits at every layer for the core that the photo decoding took, two independent
+        ones do not. Measured on 2 cores, files to top-5 against the faster raw ONNX Runtime in
+        the same five rounds: 0.76-0.85x, against 0.67-0.77x one batch at a time. A job of one
+        batch runs on every core (the lowest latency)."""
+        cores = os.cpu_count() or 1
+        if batches < 2 or cores < 2:
+            return 1, self._proba_of_batch
+        if self._stream_session is None:
+            self._stream_session = self._session(cores // 2)
+        return 2, partial(self._proba_of_batch, session=self._stream_session)
 
     def _input(self, item) -> np.ndarray:
         """One photo as a normalised float32 CHW array; normalising here, in the decode workers,
@@ -71,11 +90,11 @@ class OnnxClassifier(BasePredictor):
         return normalize(eval_array(image, self.image_size, self.resize_size, self.interpolation),
                          self.mean, self.std)
 
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def _logits(self, batch: np.ndarray, session=None) -> np.ndarray:
+        return (session or self.session).run(None, {self.input_name: batch})[0]
 
-    def _proba_of_batch(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(self._logits(batch), self.temperature).astype(np.float32)
+    def _proba_of_batch(self, batch: np.ndarray, session=None) -> np.ndarray:
+        return softmax(self._logits(batch, session), self.temperature).astype(np.float32)
 
 
 def cpu_capabilities() -> list[str]:
@@ -115,8 +134,11 @@ class OpenVinoClassifier(OnnxClassifier):
         self.precision = openvino_precision()
         self.request = compile_openvino(path, self.precision, threads)
 
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
+    def _logits(self, batch: np.ndarray, session=None) -> np.ndarray:
         return self.request.infer({0: batch})[0].copy()
+
+    def _batch_runner(self, batches: int):
+        return 1, self._proba_of_batch  # one inference request, on every core
 
 
 def choose_backend(folder: str | os.PathLike) -> str:
