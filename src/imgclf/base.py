@@ -78,7 +78,8 @@ class BasePredictor:
             running: deque = deque()
             for chunk, good, batch in prefetched:
                 running.append((chunk, good, None if batch is None else pool.submit(run, batch)))
-                while len(running) >= at_once or (running and running[0][2] is None):  # bad files only: no wait
+                # a batch of only bad files has nothing to wait for
+                while len(running) >= at_once or (running and running[0][2] is None):
                     chunk, good, future = running.popleft()
                     yield chunk, good, None if future is None else future.result()
             for chunk, good, future in running:

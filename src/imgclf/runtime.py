@@ -34,7 +34,6 @@ class OnnxClassifier(BasePredictor):
 
     def __init__(self, folder: str | os.PathLike, int8: bool = False, batch_size: int = 32, threads: int = 0):
         folder = Path(folder)
-        self._stream_session = None  # opened on the first job of several batches, see _batch_runner
         self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         name = "model.int8.onnx" if int8 else "model.onnx"
         if not (folder / name).exists():
@@ -53,6 +52,7 @@ class OnnxClassifier(BasePredictor):
         self.model_path = path
         self.session = self._session(threads)  # every core on one batch: the lowest latency
         self.input_name = self.session.get_inputs()[0].name
+        self._stream_session = None  # opened on the first job of several batches, see _batch_runner
 
     def _session(self, threads: int):
         import onnxruntime as ort
