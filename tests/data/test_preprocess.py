@@ -27,3 +27,17 @@ def test_resampling_only_the_crop_matches_resize_then_crop(clothing):
 def test_a_photo_the_size_of_the_target_is_only_cropped(clothing):
     image = load_image(sorted((clothing / "test").glob("*/*.jpg"))[0]).resize((256, 300))
     assert (eval_array(image, 224, 256, "bicubic") == to_chw(image.crop(center_crop_box(256, 300, 224)))).all()
+
+
+def test_normalize_is_the_mean_std_formula_for_an_image_and_a_batch(clothing):
+    """normalize computes (x / 255 - mean) / std per channel (as x * scale + offset): float32,
+    within float32 rounding of the float64 formula, for one CHW image and an NCHW batch."""
+    from imgclf.data.preprocess import normalize
+
+    chw = eval_array(load_image(sorted((clothing / "test").glob("*/*.jpg"))[0]), 224, 256, "bicubic")
+    for mean, std in (((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        exact = (chw / 255.0 - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
+        for batch, expected in ((chw, exact), (np.stack([chw, chw[:, ::-1]]), np.stack([exact, exact[:, ::-1]]))):
+            result = normalize(batch, mean, std)
+            assert result.dtype == np.float32 and result.shape == batch.shape
+            assert np.abs(result - expected).max() < 1e-6
