@@ -69,5 +69,8 @@ def test_preprocessing_comes_from_timms_config_for_timm_models():
     prep = preprocessing_for(model, "mobilenetv3_small_050", 160)
     assert prep.image_size == 160 and prep.crop_pct == pytest.approx(0.875)
     assert prep.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert prep.interpolation == "bicubic"  # "auto": the pretrained config's filter
+    chosen = preprocessing_for(model, "mobilenetv3_small_050", 160, interpolation="bilinear")
+    assert chosen.interpolation == "bilinear" and chosen.mean == prep.mean and chosen.crop_pct == prep.crop_pct
     with pytest.raises(ValueError, match="mean and std"):
         preprocessing_for(create_model("cnn1", 3), "cnn1", 32)

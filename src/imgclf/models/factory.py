@@ -52,16 +52,24 @@ def is_scratch_model(name: str) -> bool:
 
 def preprocessing_for(model: nn.Module, name: str, image_size: int,
                       mean: tuple[float, float, float] | None = None,
-                      std: tuple[float, float, float] | None = None) -> Preprocessing:
+                      std: tuple[float, float, float] | None = None,
+                      interpolation: str = "auto") -> Preprocessing:
     """The input a model expects. Scratch models use the training split's mean/std (given here);
-    timm models use their pretrained config (normalisation, interpolation, crop) at ``image_size``."""
+    timm models use their pretrained config (normalisation, crop) at ``image_size``.
+    ``interpolation``: the resampling filter, or "auto" for the pretrained config's (bilinear for
+    our CNNs). Fine-tuning adapts to either; see the ``interpolation`` setting for the default."""
     if is_scratch_model(name):
         if mean is None or std is None:
             raise ValueError("scratch models need the training split's mean and std")
-        return Preprocessing(image_size, tuple(mean), tuple(std), "bilinear", 1.0)
+        return Preprocessing(image_size, tuple(mean), tuple(std), _filter(interpolation, "bilinear"), 1.0)
     config = timm.data.resolve_data_config({}, model=model)
     return Preprocessing(image_size, tuple(config["mean"]), tuple(config["std"]),
-                         config.get("interpolation", "bicubic"), float(config.get("crop_pct", 0.875)))
+                         _filter(interpolation, config.get("interpolation", "bicubic")),
+                         float(config.get("crop_pct", 0.875)))
+
+
+def _filter(setting: str, own: str) -> str:
+    return own if setting == "auto" else setting
 
 
 def resolve_pretrained(setting: str, name: str, weights: str = "", download: bool = False) -> bool:

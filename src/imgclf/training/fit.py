@@ -82,8 +82,8 @@ def _preprocessing(model: nn.Module, settings: Settings, out: Path, run_data: Ru
     if resume:
         return Preprocessing.from_dict(json.loads((out / "run.json").read_text())["preprocessing"])
     if not is_scratch_model(m.model):
-        return preprocessing_for(model, m.model, m.image_size)
-    decode_prep = preprocessing_for(model, m.model, m.image_size, (0.5,) * 3, (0.5,) * 3)
+        return preprocessing_for(model, m.model, m.image_size, interpolation=m.interpolation)
+    decode_prep = preprocessing_for(model, m.model, m.image_size, (0.5,) * 3, (0.5,) * 3, m.interpolation)
     from imgclf.data.dataset import decode_all
     from imgclf.data.transforms import eval_tensor
 
