@@ -86,8 +86,13 @@ def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, check_images: int = 256,
-           calibration_images: int = 256) -> dict:
-    """Write the ONNX bundle folder (default ``RUN_DIR/onnx``) and return the check results."""
+           calibration_images: int = 512) -> dict:
+    """Write the ONNX bundle folder (default ``RUN_DIR/onnx``) and return the check results.
+
+    ``calibration_images``: training photos (spread over the split) that int8 is calibrated on.
+    The int8 flips are photos whose top two fp32 logits nearly tie, so which ones flip moves with
+    the calibration set. On two trainings of the default clothing-small model, 256 photos gave
+    1-4 of 372 test photos flipped over eight sets (4 fails the 99% check), 512 gave 0-1 over five."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "onnx"
     out.mkdir(parents=True, exist_ok=True)
