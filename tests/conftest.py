@@ -35,7 +35,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's real digit scans as a folder-per-class PNG data set (written once)."""
-    from imgclf.demo import write_digits
+    from imgclf.data.digits import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits") / "digits")
 
@@ -55,12 +55,12 @@ def write_manifest(digits: Path, path: Path, per_class: int, classes=range(10)) 
 @pytest.fixture(scope="session")
 def digits_run(digits_dir, tmp_path_factory) -> Path:
     """A small model trained once on the real digit scans, for tests that need a trained bundle."""
-    from imgclf.training.fit import train
+    from imgclf.api import train
 
     out = tmp_path_factory.mktemp("digits-run") / "run"
     overrides = {"model": "cnn3", "image_size": 24, "epochs": 4, "batch_size": 32, "lr": 3e-3,
                  "augment": "none", "patience": 0}
-    train(str(digits_dir), out, overrides, progress=False)
+    train(str(digits_dir), out, overrides)
     return out
 
 
@@ -68,8 +68,8 @@ def digits_run(digits_dir, tmp_path_factory) -> Path:
 def clothing_run(clothing, tmp_path_factory) -> Path:
     """cnn4 trained briefly on all of clothing-small (real photos), shared by the tests that check
     its accuracy, its run folder and its report."""
-    from imgclf.training.fit import train
+    from imgclf.api import train
 
     out = tmp_path_factory.mktemp("clothing-run") / "run"
-    train(str(clothing), out, {"model": "cnn4", "image_size": 48, "epochs": 6, "patience": 0}, progress=False)
+    train(str(clothing), out, {"model": "cnn4", "image_size": 48, "epochs": 6, "patience": 0})
     return out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.atomic import atomic_write
+from imgclf.core.atomic import atomic_write
 
 
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
@@ -27,7 +27,7 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
 def test_feature_cache_round_trips_in_one_file(tmp_path, monkeypatch):
     import torch
 
-    from imgclf.data.transforms import Preprocessing
+    from imgclf.core.preprocessing import Preprocessing
     from imgclf.training.features import FeatureStore
 
     monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path))

@@ -38,11 +38,11 @@ def test_check_clothing_finds_the_readme_counts(clothing, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_reaches_95_percent_on_the_digits(tmp_path, capsys):
-    from imgclf.demo import run_demo
-
-    metrics = run_demo(tmp_path / "digits", tmp_path / "run")
+    assert main(["demo", "--data", str(tmp_path / "digits"), "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["top1"] >= 0.95 and metrics["n"] > 150
-    assert "report:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"test top-1 {metrics['top1']:.3f}" in out and "report:" in out and "predicted 3 (true 3)" in out
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_train_on_idx_files_end_to_end(digits_dir, tmp_path):
     """MNIST-format files (as Fashion-MNIST ships them) train like folders: 'train' and 't10k' splits."""
     from PIL import Image
 
-    from imgclf.data.idx import write_idx
+    from imgclf.data.sources.idx import write_idx
 
     images, labels = [], []
     for label in range(10):

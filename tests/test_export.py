@@ -59,7 +59,7 @@ def test_exported_model_predicts_like_the_bundle(digits_run, digits_dir, tmp_pat
     out = tmp_path / "onnx"
     imgclf_export = __import__("imgclf.export", fromlist=["export"]).export
     imgclf_export(digits_run, out)
-    clf = imgclf.load(digits_run, precision="fp32")
+    clf = imgclf.load(digits_run, {"precision": "fp32"})
     files = [str(p) for p in sorted(digits_dir.glob("*/01*.png"))[:40]]
     x = np.stack([clf._input(f).numpy() for f in files]).astype(np.float32) / 255.0
     prep = clf.preprocessing
@@ -70,13 +70,13 @@ def test_exported_model_predicts_like_the_bundle(digits_run, digits_dir, tmp_pat
 
 
 def test_an_openvino_failure_leaves_the_onnx_export_whole(digits_run, tmp_path, monkeypatch):
-    import imgclf.runtime
+    import imgclf.export as export_module
     from imgclf.runtime import choose_backend
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operation")
 
-    monkeypatch.setattr(imgclf.runtime, "compile_openvino", broken)
+    monkeypatch.setattr(export_module, "compile_openvino", broken)
     out = tmp_path / "onnx"
     assert main(["export", str(digits_run), "--out", str(out)]) == 0
     record = json.loads((out / "model.json").read_text())["onnx"]["openvino"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from imgclf.export import _export_fp32
-from imgclf.quantize import activations_as_uint8, float_layers, nncf_quantize
+from imgclf.export.quantize import activations_as_uint8, float_layers, nncf_quantize
 
 
 class Residual(torch.nn.Module):

@@ -27,7 +27,7 @@ def test_runtime_predictions_match_the_torch_path(digits_run, digits_dir, export
     from imgclf.runtime import load_onnx
 
     files = [str(p) for p in sorted(digits_dir.glob("*/0*.png"))[::7]][:120]
-    torch_clf, onnx_clf = imgclf.load(digits_run, precision="fp32"), load_onnx(exported)
+    torch_clf, onnx_clf = imgclf.load(digits_run, {"precision": "fp32"}), load_onnx(exported)
     assert list(onnx_clf.classes_) == list(torch_clf.classes_)
     assert np.allclose(onnx_clf.predict_proba(files), torch_clf.predict_proba(files), atol=1e-4)
     assert (onnx_clf.predict(files, k=3) == torch_clf.predict(files, k=3)).all()
@@ -86,7 +86,7 @@ def test_runtime_in_a_venv_without_torch(digits_run, digits_dir, exported, tmp_p
     result = json.loads(done.stdout)
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
     assert check.returncode != 0 and not result["torch"], "torch must not be installed in the runtime venv"
-    expected = list(imgclf.load(digits_run, precision="fp32").predict(result["files"]))
+    expected = list(imgclf.load(digits_run, {"precision": "fp32"}).predict(result["files"]))
     assert result["labels"] == expected and len(expected) > 100
 
 
@@ -107,10 +107,10 @@ def test_ten_thousand_files_bounded_memory_bad_files_and_progress(digits_dir, ex
     files = sorted(str(p) for p in folder.iterdir())
     clf = load_onnx(exported)
 
-    def peak_while_streaming(paths: list[str], progress: bool) -> tuple[int, int, list[str]]:
+    def peak_while_streaming(paths: list[str], events=None) -> tuple[int, int, list[str]]:
         tracemalloc.start()
         count, errors = 0, []
-        for result in clf.predict_files(paths, k=5, progress=progress):
+        for result in clf.predict_files(paths, k=5, events=events):
             count += 1
             if result.error:
                 errors.append(os.path.basename(result.path) + ": " + result.error)
@@ -118,27 +118,29 @@ def test_ten_thousand_files_bounded_memory_bad_files_and_progress(digits_dir, ex
         tracemalloc.stop()
         return peak, count, errors
 
-    small_peak, _, _ = peak_while_streaming(files[:1000], progress=False)
-    big_peak, count, errors = peak_while_streaming(files, progress=True)
+    small_peak, _, _ = peak_while_streaming(files[:1000])
+    progress = []
+    big_peak, count, errors = peak_while_streaming(files, progress.append)
     assert count == 10_003
     assert sorted(errors) == [f"bad-{c}.png: not an image" for c in "abc"]
     assert big_peak < 2 * small_peak + 5_000_000, (small_peak, big_peak)  # does not grow with the file count
-    assert "10003/10003" in capsys.readouterr().err  # progress bar with images/s
+    assert progress[0].done == 0 and progress[-1].done == progress[-1].total == 10_003  # progress with images/s
+    assert progress[-1].stage == "predict" and progress[-1].rate > 0 and 3 < len(progress) < 2000
 
 
 def test_one_photo_gives_one_input_in_evaluation_and_in_both_predictors(digits_run, exported, clothing):
     """Evaluation, the PyTorch predictor and the ONNX predictor build the same model input from a
     real JPEG (decoded in draft mode: this model's 24 px input is far smaller than the photo)."""
-    from imgclf.data.dataset import open_sample
+    from imgclf.data.dataset import open_for
     from imgclf.data.preprocess import normalize
-    from imgclf.data.scan import Sample
+    from imgclf.data.sources import Sample
     from imgclf.data.transforms import eval_tensor
     from imgclf.runtime import load_onnx
 
-    torch_clf, onnx_clf = imgclf.load(digits_run, precision="fp32"), load_onnx(exported)
+    torch_clf, onnx_clf = imgclf.load(digits_run, {"precision": "fp32"}), load_onnx(exported)
     prep = torch_clf.preprocessing
     for path in sorted((clothing / "test").glob("*/*.jpg"))[::60][:6]:
-        evaluation = eval_tensor(open_sample(Sample(str(path), "x", "test"), prep), prep).numpy()
+        evaluation = eval_tensor(open_for(Sample(str(path), "x", "test"), prep), prep).numpy()
         assert (torch_clf._input(str(path)).numpy() == evaluation).all()
         assert np.array_equal(onnx_clf._input(str(path)), normalize(evaluation, prep.mean, prep.std))
 
@@ -196,16 +198,16 @@ def test_cli_predict_int8(digits_run, digits_dir, tmp_path, capsys):
     assert main(["predict", str(out), *files, "--int8", "--format", "json"]) == 0
     captured = capsys.readouterr()
     assert "backend: onnx int8" in captured.err and len(json.loads(captured.out)) == 6
-    assert main(["predict", str(out), *files, "--int8", "--backend", "torch"]) == 1
-    assert "--int8 runs on ONNX Runtime" in capsys.readouterr().err
-    assert main(["predict", str(out), *files, "--int8", "--backend", "openvino"]) == 1
+    assert main(["predict", str(out), *files, "--int8", "--backend", "torch"]) == 2
+    assert "the int8 model runs on ONNX Runtime" in capsys.readouterr().err
+    assert main(["predict", str(out), *files, "--int8", "--backend", "openvino"]) == 2
     assert "the int8 model runs on ONNX Runtime" in capsys.readouterr().err
 
 
 def test_a_backend_that_cannot_run_is_a_clear_error(digits_dir, exported, capsys, monkeypatch):
     files = [str(p) for p in sorted(digits_dir.glob("1/*.png"))[:2]]
-    assert main(["predict", str(exported), *files, "--int8"]) == 1  # exported without --int8
+    assert main(["predict", str(exported), *files, "--int8"]) == 2  # exported without --int8
     assert "model.int8.onnx: not exported (imgclf export --int8)" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    assert main(["predict", str(exported), *files, "--backend", "openvino"]) == 1
+    assert main(["predict", str(exported), *files, "--backend", "openvino"]) == 2
     assert "pip install 'imgclf[openvino]'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from imgclf.cli import build_parser
-from imgclf.settings import Settings, SettingsError, apply_overrides, from_dict, load_settings, section_fields
+from imgclf.core.settings import Settings, SettingsError, apply_overrides, from_dict, load_settings, section_fields
 
 
 def test_unknown_setting_suggests_the_close_name():
@@ -49,6 +49,6 @@ def test_every_setting_is_a_flag_with_its_default_in_help():
 
 def test_flags_override_only_what_is_given():
     args = build_parser().parse_args(["train", "data", "--epochs", "3", "--no-download"])
-    from imgclf.cli import SECTIONS_FOR, _overrides
+    from imgclf.cli.parser import overrides
 
-    assert _overrides(args, SECTIONS_FOR["train"]) == {"epochs": 3, "download": False}
+    assert overrides(args, "train") == {"epochs": 3, "download": False}

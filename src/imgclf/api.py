@@ -1,18 +1,135 @@
-"""Library functions that the CLI (and later the service) call, beside train/evaluate/load."""
+"""Every verb of imgclf, in one signature shape::
+
+    verb(source, out=None, settings=None, *, events=None, stop=None)
+
+``source`` is what the verb reads (photos, or a run folder); ``out`` where it writes; ``settings``
+a :class:`~imgclf.core.settings.Settings` or a dict of overrides (flat or by section); ``events``
+a callable that receives :mod:`imgclf.core.events` (the library itself never prints); ``stop`` a
+:class:`~imgclf.core.events.StopToken` that ends long work after its current step.
+
+The CLI and the service are thin faces over these functions; ``import imgclf`` hands them on.
+"""
+
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
+from imgclf.core.errors import SettingsError
+from imgclf.core.events import Events, StopToken, channel, info, stop_token
+from imgclf.core.rundir import RunDir
+from imgclf.core.settings import Settings, as_settings, flat_overrides, from_dict
 from imgclf.data.audit import AuditReport, audit
-from imgclf.data.scan import scan
-from imgclf.settings import Settings, apply_overrides
+from imgclf.data.sources import scan
+from imgclf.evaluation import embed as embedding
+from imgclf.evaluation import run as evaluation
+from imgclf.evaluation.leaderboard import Leaderboard, leaderboard_row, parse_candidate, write_leaderboard
+from imgclf.export import export as export_onnx
+from imgclf.predictors import BasePredictor
+from imgclf.predictors import load as load_predictor
+from imgclf.training import fit
+from imgclf.training.distributed import is_main_process
+
+__all__ = ["check", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
+
+PathLike = str | os.PathLike
 
 
-def check(data: str | Path, overrides: dict | None = None, json_path: str | Path | None = None,
-          progress: bool = True) -> AuditReport:
-    """Audit a data source: every image decoded once; problems, duplicates and counts reported."""
-    settings = apply_overrides(Settings(), overrides or {})
-    report = audit(scan(data), settings.data, progress=progress)
-    if json_path is not None:
-        report.write_json(json_path)
+def check(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
+          events: Events | None = None, stop: StopToken | None = None) -> AuditReport:
+    """Audit a data source: every image decoded once; problems, duplicates and counts reported.
+    ``out``: a file to write the full report to as JSON."""
+    settings = as_settings(settings)
+    report = audit(scan(source), settings.data, settings.system, events, stop)
+    if out is not None:
+        report.write_json(out)
     return report
+
+
+def train(source: PathLike | None, out: PathLike = "runs/run", settings: Settings | dict | None = None, *,
+          events: Events | None = None, stop: StopToken | None = None, resume: bool = False,
+          evaluate: bool = True) -> fit.TrainResult:
+    """Train a classifier on ``source`` into the run folder ``out``, then calibrate it on the
+    validation split and report on the test split. ``resume=True`` continues the run in ``out``
+    (``settings`` may then change only the system section)."""
+    events, stop = channel(events), stop_token(stop)
+    result = fit.train(None if resume else str(source), str(out), settings, events=events, stop=stop,
+                       resume=resume)
+    if result.status == "finished" and evaluate and is_main_process():
+        resolved = from_dict(RunDir(out).read_json(RunDir.SETTINGS))  # what the run used, "auto"s decided
+        result.metrics = evaluation.after_training(out, result.logits, resolved, events, stop)
+    return result
+
+
+def evaluate(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
+             data: PathLike | None = None, events: Events | None = None, stop: StopToken | None = None) -> dict:
+    """Evaluate the run in ``source`` on its test split, or on other labelled ``data``; metrics.json,
+    the pictures and the reports go to ``out`` (the run folder by default)."""
+    return evaluation.evaluate(source, None if data is None else str(data), out, as_settings(settings), events, stop)
+
+
+def load(source: PathLike, settings: Settings | dict | None = None, *, backend: str | None = None,
+         int8: bool | None = None, events: Events | None = None) -> BasePredictor:
+    """A predictor (``predict``, ``predict_proba``, ``classes_``, ``predict_files``) for a run
+    folder, model bundle or ONNX export. ``backend`` and ``int8`` default to the predict settings."""
+    settings = as_settings(settings)
+    p, s = settings.predict, settings.system
+    return load_predictor(source, p.backend if backend is None else backend, int8=p.int8 if int8 is None else int8,
+                          batch_size=p.predict_batch_size, device=s.device, precision=s.precision,
+                          max_pixels=s.max_pixels, events=events)
+
+
+def export(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
+           int8: bool = False, events: Events | None = None, stop: StopToken | None = None) -> dict:
+    """The run's model as ONNX (and int8 with ``int8=True``), checked against PyTorch, in ``out``
+    (``RUN_DIR/onnx`` by default)."""
+    return export_onnx(source, out, int8, as_settings(settings), events, stop)
+
+
+def compare(source: PathLike, out: PathLike = "runs/compare", settings: Settings | dict | None = None, *,
+            candidates: list[str], per_class: list[int] | None = None, events: Events | None = None,
+            stop: StopToken | None = None) -> Leaderboard:
+    """Train every candidate (``MODEL[:MODE]``, at every ``per_class`` size) on the same split and
+    seed into ``out/<name>/``, rank them by validation top-1, keep the best in ``out/best``."""
+    out, events, stop = Path(out), channel(events), stop_token(stop)
+    overrides = flat_overrides(settings.to_dict() if isinstance(settings, Settings) else dict(settings or {}))
+    chosen = [parse_candidate(spec) for spec in candidates]
+    if not chosen:
+        raise SettingsError("--models: give at least one candidate (MODEL[:MODE], comma-separated)")
+    as_settings(overrides)  # refuse bad settings before any training
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in per_class or [0]:
+        for spec, candidate in zip(candidates, chosen):
+            run_dir = out / (spec.strip().replace(":", "-") + (f"-n{size}" if size else ""))
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            info(events, f"== {spec}{f' with {size} photos per class' if size else ''} ==")
+            started = time.perf_counter()
+            result = train(source, run_dir, {**overrides, **candidate, "per_class": size}, events=events, stop=stop)
+            if result.status != "finished":
+                stop.check()
+            rows.append(leaderboard_row(spec, size, run_dir, time.perf_counter() - started))
+    board = write_leaderboard(rows, out, per_class)
+    info(events, f"best by validation top-1: {board.best['candidate']} (val {board.best['val_top1']:.3f}, test "
+                 f"{board.best['test_top1']:.3f}); its bundle is in {out / 'best'}", str(out / "best"))
+    return board
+
+
+def embed(source: PathLike, out: PathLike, settings: Settings | dict | None = None, *, data: PathLike | None = None,
+          events: Events | None = None, stop: StopToken | None = None) -> Path:
+    """Embeddings of ``data`` (default: the run's own images) for TensorBoard's projector, as NumPy,
+    and as PCA/t-SNE maps, in ``out``."""
+    settings = as_settings(settings)
+    clf = evaluation.load_for_evaluation(Path(source), settings)
+    return embedding.embed(clf, source, None if data is None else str(data), out, events, stop)
+
+
+def similar(source: PathLike, query: PathLike, settings: Settings | dict | None = None, *, k: int = 8,
+            events: Events | None = None, stop: StopToken | None = None) -> list[dict]:
+    """The ``k`` training photos of the run in ``source`` nearest to the image ``query``."""
+    settings = as_settings(settings)
+    clf = evaluation.load_for_evaluation(Path(source), settings)
+    return embedding.similar(clf, source, str(query), k, events, stop)

@@ -7,31 +7,29 @@ before any tensor is touched; anything else in the folder is refused, not tried.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from imgclf.atomic import atomic_write
+from imgclf.core import __version__
+from imgclf.core.atomic import atomic_write
+from imgclf.core.errors import BundleError, ModelError
+from imgclf.core.meta import FORMAT, FORMAT_VERSION, read_meta, write_meta
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.core.rundir import RunDir
+from imgclf.models.factory import create_model
+from imgclf.models.heads import install_saved_head
 
-from imgclf.data.transforms import Preprocessing
-
-FORMAT = "imgclf-bundle"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-META = "model.json"
-REQUIRED = ("format", "format_version", "architecture", "classes", "preprocessing")
+WEIGHTS = RunDir.WEIGHTS
 _PICKLE_NAMES = ("model.pt", "model.pth", "model.bin", "model.ckpt", "model.pkl", "pytorch_model.bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class BundleError(ValueError):
-    """A model folder that cannot be loaded, with the file and the reason."""
 
 
 @dataclass
@@ -49,11 +47,6 @@ class Bundle:
 
 
 def library_versions() -> dict:
-    import timm
-    import torchvision
-
-    from imgclf import __version__
-
     return {"imgclf": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__}
 
@@ -67,36 +60,7 @@ def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
             "num_classes": len(meta["classes"]), "versions": library_versions(),
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write(folder / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(folder / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def update_meta(folder: str | Path, fields: dict) -> dict:
-    """Add or replace fields of a bundle's model.json (atomically); the weights are untouched."""
-    meta = read_meta(folder)
-    meta.update(fields)
-    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(Path(folder) / META, lambda p: Path(p).write_text(text, encoding="utf-8"))
-    return meta
-
-
-def read_meta(folder: str | Path) -> dict:
-    path = Path(folder) / META
-    if not path.exists():
-        raise BundleError(f"{folder}: no {META} here (is this a run folder or model bundle?)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BundleError(f"{path}: not an imgclf model description")
-    missing = [key for key in REQUIRED if key not in meta]
-    if missing:
-        raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
-    if not isinstance(meta["format_version"], int) or meta["format_version"] > FORMAT_VERSION:
-        raise BundleError(f"{path}: made by a newer imgclf (bundle format {meta['format_version']}, "
-                          f"this one reads up to {FORMAT_VERSION}); upgrade imgclf")
-    return meta
+    write_meta(folder, meta)
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -130,19 +94,13 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model from a bundle folder (a run folder is one) and load its weights strictly."""
-    from imgclf.models.factory import ModelError, create_model
-
     meta = read_meta(folder)
     state = load_weights(folder)
     try:
         model = create_model(meta["architecture"], len(meta["classes"]),
                              drop_rate=float(meta.get("settings", {}).get("model", {}).get("drop_rate", 0.0)))
-        from imgclf.training.transfer import install_saved_head
-
         install_saved_head(model, meta)
         model.load_state_dict(state, strict=True)
     except (ModelError, RuntimeError) as exc:
         raise BundleError(f"{folder}: weights do not fit {meta['architecture']} ({exc})") from None
-    if "temperature" in meta:
-        meta["temperature"] = float(meta["temperature"])
     return Bundle(model.to(device).eval(), meta)

@@ -21,10 +21,10 @@ import badfiles  # noqa: E402
 
 import imgclf.data.audit as audit_module  # noqa: E402
 from imgclf.data.audit import audit, format_report  # noqa: E402
-from imgclf.data.idx import write_idx  # noqa: E402
+from imgclf.data.sources.idx import write_idx  # noqa: E402
 from imgclf.data.images import load_image  # noqa: E402
-from imgclf.data.scan import scan  # noqa: E402
-from imgclf.settings import DataSettings  # noqa: E402
+from imgclf.data.sources import scan  # noqa: E402
+from imgclf.core.settings import DataSettings, SystemSettings  # noqa: E402
 
 PER_CLASS = 12
 
@@ -58,7 +58,7 @@ def dataset(tmp_path_factory, photos) -> dict:
 
 @pytest.fixture()
 def report(dataset):
-    return audit(scan(dataset["root"]), DataSettings(), progress=False)
+    return audit(scan(dataset["root"]), DataSettings())
 
 
 def by_name(problems: list[dict]) -> dict[str, str]:
@@ -104,12 +104,12 @@ def test_small_classes_and_imbalance(report):
 
 
 def test_min_per_class_setting(dataset):
-    report = audit(scan(dataset["root"]), DataSettings(min_per_class=5), progress=False)
+    report = audit(scan(dataset["root"]), DataSettings(min_per_class=5))
     assert report.small_classes == ["skirt"]
 
 
 def test_min_side_setting(dataset):
-    report = audit(scan(dataset["root"]), DataSettings(min_side=4), progress=False)
+    report = audit(scan(dataset["root"]), DataSettings(min_side=4))
     assert "tiny.png" not in by_name(report.problems)
     assert report.classes["mixed"] == len(badfiles.VALID) + 1
 
@@ -139,7 +139,7 @@ def test_duplicate_across_splits(tmp_path, photos):
     train = badfiles.make_photo_folder(root / "train", {"hat": photos["hat"][:5], "shoes": photos["shoes"][:5]})
     badfiles.make_photo_folder(root / "test", {"hat": photos["hat"][5:7], "shoes": photos["shoes"][5:7]})
     shutil.copyfile(train["hat"][0], root / "test" / "hat" / "leak.jpg")
-    report = audit(scan(root), DataSettings(), progress=False)
+    report = audit(scan(root), DataSettings())
     [dup] = report.duplicates
     assert dup["kind"] == "across_splits"
     assert dup["splits"] == ["test", "train"] and dup["labels"] == ["hat"]
@@ -152,7 +152,7 @@ def test_unreadable_files_are_not_duplicates_of_each_other(tmp_path, photos):
     badfiles.make_photo_folder(root, {"hat": photos["hat"][:3], "shoes": photos["shoes"][:3]})
     (root / "hat" / "e1.jpg").write_bytes(b"")
     (root / "shoes" / "e2.jpg").write_bytes(b"")
-    report = audit(scan(root), DataSettings(), progress=False)
+    report = audit(scan(root), DataSettings())
     assert report.duplicates == []
     assert by_name(report.problems) == {"e1.jpg": "empty file", "e2.jpg": "empty file"}
 
@@ -213,23 +213,23 @@ def _record_checks(monkeypatch) -> list[str]:
 
 
 def test_second_audit_uses_the_cache(small_dataset, cache_dir, monkeypatch):
-    first = audit(scan(small_dataset), DataSettings(), progress=False)
+    first = audit(scan(small_dataset), DataSettings())
     assert list(cache_dir.glob("audit-*.json")), "no cache written"
     _forbid_checks(monkeypatch)
-    second = audit(scan(small_dataset), DataSettings(), progress=False)
+    second = audit(scan(small_dataset), DataSettings())
     assert second.to_dict() == first.to_dict()
     assert by_name(second.problems) == {"empty.jpg": "empty file", "notes.jpg": "not an image"}
 
 
 def test_cache_lives_outside_the_data_folder(small_dataset, cache_dir):
     before = sorted(p.relative_to(small_dataset) for p in small_dataset.rglob("*"))
-    audit(scan(small_dataset), DataSettings(), progress=False)
+    audit(scan(small_dataset), DataSettings())
     assert sorted(p.relative_to(small_dataset) for p in small_dataset.rglob("*")) == before
     assert any(cache_dir.iterdir())
 
 
 def test_modified_files_are_checked_again(small_dataset, photos, monkeypatch):
-    audit(scan(small_dataset), DataSettings(), progress=False)
+    audit(scan(small_dataset), DataSettings())
     calls = _record_checks(monkeypatch)
     target = small_dataset / "shoes" / photos["shoes"][0].name
     old = target.stat()
@@ -238,46 +238,46 @@ def test_modified_files_are_checked_again(small_dataset, photos, monkeypatch):
     empty = small_dataset / "shoes" / "empty.jpg"  # and a broken file that got fixed
     shutil.copyfile(photos["dress"][1], empty)
     os.utime(empty, ns=(old.st_atime_ns, old.st_mtime_ns + 6_000_000_000))
-    report = audit(scan(small_dataset), DataSettings(), progress=False)
+    report = audit(scan(small_dataset), DataSettings())
     assert sorted(calls) == sorted([target.name, "empty.jpg"])
     assert by_name(report.problems) == {"notes.jpg": "not an image"}
     assert report.classes == {"hat": 4, "shoes": 5}
 
 
 def test_a_file_that_breaks_is_reported(small_dataset, photos, monkeypatch):
-    audit(scan(small_dataset), DataSettings(), progress=False)
+    audit(scan(small_dataset), DataSettings())
     target = small_dataset / "hat" / photos["hat"][0].name
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
     calls = _record_checks(monkeypatch)
-    report = audit(scan(small_dataset), DataSettings(), progress=False)
+    report = audit(scan(small_dataset), DataSettings())
     assert calls == [target.name]
     assert "truncated" in by_name(report.problems)[target.name]
 
 
 def test_new_files_are_checked_and_old_ones_are_not(small_dataset, photos, monkeypatch):
-    audit(scan(small_dataset), DataSettings(), progress=False)
+    audit(scan(small_dataset), DataSettings())
     shutil.copyfile(photos["hat"][6], small_dataset / "hat" / "new.jpg")
     calls = _record_checks(monkeypatch)
-    report = audit(scan(small_dataset), DataSettings(), progress=False)
+    report = audit(scan(small_dataset), DataSettings())
     assert calls == ["new.jpg"]
     assert report.classes["hat"] == 5
 
 
 def test_other_max_pixels_is_not_answered_from_the_cache(small_dataset, monkeypatch):
-    audit(scan(small_dataset), DataSettings(), progress=False)
+    audit(scan(small_dataset), DataSettings())
     calls = _record_checks(monkeypatch)
-    report = audit(scan(small_dataset), DataSettings(max_pixels=1000), progress=False)
+    report = audit(scan(small_dataset), DataSettings(), SystemSettings(max_pixels=1000))
     assert len(calls) == 10
     assert all("too many pixels" in r for n, r in by_name(report.problems).items() if n.endswith(".jpg")
                and n not in ("empty.jpg", "notes.jpg"))
 
 
 def test_corrupt_cache_is_ignored(small_dataset, cache_dir):
-    first = audit(scan(small_dataset), DataSettings(), progress=False)
+    first = audit(scan(small_dataset), DataSettings())
     for path in cache_dir.glob("audit-*.json"):
         path.write_text("{not json", encoding="utf-8")
-    again = audit(scan(small_dataset), DataSettings(), progress=False)
+    again = audit(scan(small_dataset), DataSettings())
     assert again.to_dict() == first.to_dict()
 
 
@@ -301,7 +301,7 @@ def test_unicode_and_spaces_in_names(tmp_path, photos):
         if sample.path.endswith("vide é.jpg"):
             continue
         assert load_image(sample.path).mode == "RGB"
-    report = audit(scanned, DataSettings(), progress=False)
+    report = audit(scanned, DataSettings())
     assert report.classes == {label: 3 for label in names}
     assert by_name(report.problems) == {"vide é.jpg": "empty file"}
     assert "vide é.jpg" in format_report(report)
@@ -334,7 +334,7 @@ def test_symlink_loop_does_not_hang(tmp_path, photos):
     scanned = _run_with_timeout(lambda: scan(root), 20)
     assert sorted(s.path for s in scanned.samples) == sorted(str(p) for ps in copied.values() for p in ps)
     assert any("symlink loop" in s["reason"] for s in scanned.skipped)
-    report = _run_with_timeout(lambda: audit(scanned, DataSettings(), progress=False), 20)
+    report = _run_with_timeout(lambda: audit(scanned, DataSettings()), 20)
     assert report.classes == {"cls": 3, "other": 3}
     assert any("symlink loop" in p["reason"] for p in report.problems)
 
@@ -362,7 +362,7 @@ def _write_idx_folder(root: Path, n: int = 6) -> None:
 def test_idx_images_are_checked_and_hashed(tmp_path):
     root = tmp_path / "idx"
     _write_idx_folder(root)
-    report = audit(scan(root), DataSettings(min_side=16), progress=False)
+    report = audit(scan(root), DataSettings(min_side=16))
     assert report.classes == {"0": 2, "1": 2, "2": 2}
     assert report.duplicates == []
 
@@ -371,7 +371,7 @@ def test_idx_images_usable_with_default_settings(tmp_path):
     """MNIST-format images are 28x28 by design: min_side (32) is for photos, not for them."""
     root = tmp_path / "idx"
     _write_idx_folder(root)
-    report = audit(scan(root), DataSettings(), progress=False)
+    report = audit(scan(root), DataSettings())
     assert len(report.usable) == 6 and report.problems == []
 
 
@@ -381,6 +381,6 @@ def test_one_malformed_file_never_aborts_the_audit(tmp_path, photos):
     bad_exif = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x1f\x00\x02\x00\x00\x00\x04cam\x00"
                 b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00")
     Image.new("RGB", (64, 48), (90, 90, 90)).save(root / "hat" / "odd_exif.jpg", "JPEG", exif=bad_exif)
-    report = audit(scan(root), DataSettings(), progress=False)
+    report = audit(scan(root), DataSettings())
     assert report.classes["shoes"] == 3
     assert report.classes["hat"] in (3, 4)

@@ -21,7 +21,7 @@ if _TESTS not in sys.path:
 import badfiles  # noqa: E402
 
 from imgclf.data.images import (  # noqa: E402
-    ImageError, IdxImage, decode_image_bytes, is_image_name, load_image, to_rgb,
+    ImageError, decode_image_bytes, is_image_name, load_image, to_rgb,
 )
 
 
@@ -493,11 +493,17 @@ def test_tiff_with_wrong_tag_type_gives_image_error(tmp_path):
 
 # ---------------------------------------------------------------- odds and ends
 
-def test_idx_image_loads_as_rgb():
-    array = np.arange(28 * 28, dtype=np.uint32).reshape(28, 28).astype(np.uint8)
-    image = load_image(IdxImage(array))
+def test_idx_image_loads_as_rgb(tmp_path):
+    from imgclf.data.sources import open_sample, scan
+    from imgclf.data.sources.idx import write_idx
+
+    arrays = (np.arange(2 * 28 * 28, dtype=np.uint32).reshape(2, 28, 28) * 7).astype(np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", arrays)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1], dtype=np.uint8))
+    samples = scan(tmp_path).samples
+    image = open_sample(samples[1])
     assert image.mode == "RGB" and image.size == (28, 28)
-    assert np.array_equal(np.asarray(image)[..., 1], array)
+    assert np.array_equal(np.asarray(image)[..., 1], arrays[1])
 
 
 def test_is_image_name():

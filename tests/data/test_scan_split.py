@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.data.idx import (
-    FASHION_MNIST_CLASSES, find_idx_pairs, idx_image, read_idx, scan_idx, write_idx,
+from imgclf.data.sources.idx import (
+    FASHION_MNIST_CLASSES, find_idx_pairs, read_idx, scan_idx, write_idx,
 )
-from imgclf.data.scan import LEVEL_SEP, DataError, Sample, scan
+from imgclf.core.errors import DataError
+from imgclf.data.sources import LEVEL_SEP, Sample, open_sample, scan
 from imgclf.data.split import (
     SPLITS, assign_splits, hash_fraction, read_split_csv, write_split_csv,
 )
@@ -42,7 +43,8 @@ def test_nested_folders_give_hierarchical_labels(tmp_path):
                                  "z.webp": "Women > Dresses", "k.JPG": "Kids"}
     assert result.classes == ["Kids", "Men > Shoes > Boots", "Men > Shoes > Sneakers", "Women > Dresses"]
     sneaker = next(s for s in result.samples if s.path.endswith("x.jpg"))
-    assert sneaker.rel == "Men/Shoes/Sneakers/x.jpg" and sneaker.split is None and sneaker.index == -1
+    assert sneaker.rel == "Men/Shoes/Sneakers/x.jpg" and sneaker.split is None and sneaker.member == ""
+    assert sneaker.kind == "file"
     assert LEVEL_SEP == " > "
 
 
@@ -221,12 +223,13 @@ def test_idx_scan_labels_and_splits(tmp_path):
     test = [s for s in result.samples if s.split == "test"]
     assert [s.label for s in train] == [names[i] for i in arrays["train"][1]]
     assert [s.label for s in test] == [names[i] for i in arrays["t10k"][1]]
-    assert [s.index for s in test] == [0, 1, 2, 3]
+    assert [s.member for s in test] == ["0", "1", "2", "3"] and {s.kind for s in test} == {"idx"}
     assert {s.rel for s in test} == {"t10k-images-idx3-ubyte"}
     assert test[2].name == "t10k-images-idx3-ubyte#2"
     for sample in result.samples:
         prefix = "train" if sample.split == "train" else "t10k"
-        assert np.array_equal(idx_image(sample), arrays[prefix][0][sample.index])
+        pixels = np.asarray(open_sample(sample))[..., 0]
+        assert np.array_equal(pixels, arrays[prefix][0][int(sample.member)])
 
 
 def test_idx_class_names_without_classes_txt(tmp_path):
@@ -415,22 +418,29 @@ def test_missing_splits_are_carved_out_of_train_only():
 
 
 def test_idx_samples_split_by_index():
-    samples = [Sample("/d/train-images", str(i % 3), None, "train-images", i) for i in range(600)]
+    samples = [Sample("/d/train-images", str(i % 3), None, "train-images", str(i), "idx") for i in range(600)]
     counts = Counter(s.split for s in assign_splits(samples))
     assert counts["val"] > 30 and counts["test"] > 30  # not all in one split: the index is hashed
 
 
 def test_split_csv_round_trip(tmp_path):
     samples = assign_splits(fake_samples({"a b": 5, "é > f": 6}))
-    samples.append(Sample("/d/images-idx3-ubyte", "x", "test", "", 7))
+    samples.append(Sample("/d/images-idx3-ubyte", "x", "test", "", "7", "idx"))
     write_split_csv(samples, tmp_path / "split.csv")
     back = read_split_csv(tmp_path / "split.csv")
-    assert [(s.path, s.label, s.split, s.index) for s in back] == \
-           [(s.path, s.label, s.split, s.index) for s in samples]
+    assert [(s.path, s.label, s.split, s.member, s.kind) for s in back] == \
+           [(s.path, s.label, s.split, s.member, s.kind) for s in samples]
+
+
+def test_split_csv_of_earlier_versions_is_read(tmp_path):
+    """Run folders written before the sources registry have an ``index`` column."""
+    (tmp_path / "split.csv").write_text("path,label,split,index\n/d/a.png,a,train,-1\n/d/t-images,b,test,3\n")
+    back = read_split_csv(tmp_path / "split.csv")
+    assert [(s.kind, s.member) for s in back] == [("file", ""), ("idx", "3")]
 
 
 def test_limit_per_class_is_stratified_seeded_and_nested():
-    from imgclf.data.scan import Sample
+    from imgclf.data.sources import Sample
     from imgclf.data.split import limit_per_class
 
     samples = [Sample(f"/d/{c}/{i}.jpg", c, "train", f"{c}/{i}.jpg") for c in "abc" for i in range(40)]

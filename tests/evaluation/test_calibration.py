@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgclf.evaluation.calibration import (fit_temperature, precision_at, reliability, softmax,
+from imgclf.core.numeric import softmax
+from imgclf.evaluation.calibration import (fit_temperature, precision_at, reliability,
                                            threshold_for_precision)
 
 

@@ -114,20 +114,22 @@ def test_stop_mid_epoch_by_step_limit_resumes_exactly(manifest, reference_run, t
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    from imgclf.training.fit import TrainError, train
+    from imgclf.api import train
+    from imgclf.core.errors import TrainError
 
-    with pytest.raises(TrainError, match="no checkpoint.safetensors"):
+    with pytest.raises(TrainError, match="no run to resume here"):
         train(None, tmp_path, resume=True)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_no_bad_model(manifest, tmp_path):
-    from imgclf.training.fit import TrainError, train
+    from imgclf.api import train
+    from imgclf.core.errors import TrainError
 
     out = tmp_path / "nan"
     overrides = {"model": "cnn1", "image_size": 16, "epochs": 3, "lr": 1e20, "threads": 1,
                  "precision": "fp32", "warmup_epochs": 0}
     with pytest.raises(TrainError, match="loss became"):
-        train(str(manifest), out, overrides, progress=False)
+        train(str(manifest), out, overrides)
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     if (out / "model.safetensors").exists():  # a bundle from an earlier, finite epoch only
         meta = json.loads((out / "model.json").read_text())

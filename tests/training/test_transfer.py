@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import imgclf
 from imgclf.models.pretrained import lite_weights_file
-from imgclf.training.fit import train
+from imgclf.api import train
+from imgclf.core.events import Message
 
 CLASSES = ("hat", "pants", "shoes", "skirt")
 
@@ -30,18 +31,18 @@ def small_photos(clothing, tmp_path_factory):
 @pytest.mark.slow
 def test_head_mode_beats_chance_and_reuses_cached_features(small_photos, tmp_path, monkeypatch):
     overrides = {"mode": "head", "image_size": 96}
-    first = train(str(small_photos), tmp_path / "head", overrides, progress=False)
+    first = train(str(small_photos), tmp_path / "head", overrides)
     assert first.metrics["top1"] >= 0.25 + 0.35, first.metrics["top1"]  # 4 classes: chance is 0.25
     settings = json.loads((tmp_path / "head" / "settings.json").read_text())
     assert settings["model"]["pretrained"] == "on" and settings["train"]["mode"] == "head"
 
-    import imgclf.training.features as features
+    import imgclf.models.heads as heads
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("features were computed again instead of read from the cache")
 
-    monkeypatch.setattr(features, "pooled_features", no_backbone)
-    second = train(str(small_photos), tmp_path / "mlp", {**overrides, "head_hidden": 64}, progress=False)
+    monkeypatch.setattr(heads, "pooled_features", no_backbone)
+    second = train(str(small_photos), tmp_path / "mlp", {**overrides, "head_hidden": 64})
     assert second.status == "finished" and second.metrics["top1"] >= 0.5
     clf = imgclf.load(tmp_path / "mlp")  # an MLP head is rebuilt from model.json before loading
     assert isinstance(clf.model.classifier, torch.nn.Sequential)
@@ -51,7 +52,7 @@ def test_head_mode_beats_chance_and_reuses_cached_features(small_photos, tmp_pat
 def test_finetune_trains_later_layers_and_keeps_early_ones_frozen(small_photos, tmp_path):
     out = tmp_path / "ft"
     result = train(str(small_photos), out, {"mode": "finetune", "image_size": 96, "finetune_epochs": 1,
-                                            "batch_size": 16}, progress=False)
+                                            "batch_size": 16})
     assert result.status == "finished" and result.metrics["top1"] >= 0.6
     weights = load_file(str(out / "model.safetensors"))
     imagenet = torch.load(lite_weights_file("tf_efficientnet_lite0"), weights_only=True)
@@ -60,15 +61,16 @@ def test_finetune_trains_later_layers_and_keeps_early_ones_frozen(small_photos, 
     assert not torch.equal(weights["conv_head.weight"], imagenet["_conv_head.weight"])  # trained
 
 
-def test_auto_mode_says_what_it_chose(small_photos, tmp_path, capsys):
-    train(str(small_photos), tmp_path / "auto", {"image_size": 64}, progress=False)
-    err = capsys.readouterr().err
-    assert "mode: head (25 training photos per class are too few to fine-tune" in err
+def test_auto_mode_says_what_it_chose(small_photos, tmp_path):
+    events = []
+    train(str(small_photos), tmp_path / "auto", {"image_size": 64}, events=events.append)
+    said = [e.text for e in events if isinstance(e, Message)]
+    assert any(t.startswith("mode: head (25 training photos per class are too few to fine-tune") for t in said)
 
 
 def test_auto_mode_finetunes_when_data_and_budget_allow():
-    from imgclf.settings import Settings
-    from imgclf.training.hardware import Runtime
+    from imgclf.core.settings import Settings
+    from imgclf.models.device import Runtime
     from imgclf.training.transfer import resolve_mode
 
     cpu = Runtime(torch.device("cpu"), None, False)
@@ -80,4 +82,4 @@ def test_auto_mode_finetunes_when_data_and_budget_allow():
 
 def test_scratch_model_cannot_use_head_mode(small_photos, tmp_path):
     with pytest.raises(ValueError, match="needs a pretrained model"):
-        train(str(small_photos), tmp_path / "x", {"model": "cnn1", "mode": "head"}, progress=False)
+        train(str(small_photos), tmp_path / "x", {"model": "cnn1", "mode": "head"})

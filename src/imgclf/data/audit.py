@@ -9,18 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from imgclf.atomic import atomic_write
-from imgclf.data.images import ImageError, decode_image_bytes
-from imgclf.data.scan import Sample, ScanResult
-from imgclf.settings import DataSettings
+from imgclf.core.atomic import atomic_write
+from imgclf.core.events import Events, StopToken, Tracker, channel, stop_token, warn
+from imgclf.core.settings import DataSettings, SystemSettings
+from imgclf.data.images import ImageError
+from imgclf.data.sources import Sample, ScanResult, decode_sample, read_sample, reader
 
 CACHE_VERSION = 1
 
@@ -42,20 +40,13 @@ class FileCheck:
 
 def check_file(sample: Sample, max_pixels: int) -> FileCheck:
     """Read, hash and decode one image (JPEGs at reduced scale: every byte is still decoded)."""
-    if sample.index >= 0:  # IDX images were validated with their file
-        from imgclf.data.idx import idx_image
-
-        array = idx_image(sample)
-        return FileCheck(array.shape[1], array.shape[0], hashlib.sha1(array.tobytes()).hexdigest())
     try:
-        with open(sample.path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        return FileCheck(error=f"cannot read file ({exc.strerror or exc})")
+        data = read_sample(sample)
+    except ImageError as exc:
+        return FileCheck(error=exc.reason)
     digest = hashlib.sha1(data).hexdigest()
     try:
-        image, (width, height) = decode_image_bytes(data, sample.path, draft_size=32,
-                                                    max_pixels=max_pixels, with_size=True)
+        image, (width, height) = decode_sample(sample, data, draft_size=32, max_pixels=max_pixels)
     except ImageError as exc:
         return FileCheck(sha1=digest, error=exc.reason)
     image.close()
@@ -82,7 +73,8 @@ class AuditReport:
         }
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
 def _load_cache(path: Path) -> dict:
@@ -93,31 +85,30 @@ def _load_cache(path: Path) -> dict:
         return {}
 
 
-def _save_cache(path: Path, files: dict) -> None:
+def _save_cache(path: Path, files: dict, events: Events) -> None:
     """Atomic: a killed audit never leaves a half-written cache behind."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"version": CACHE_VERSION, "files": files})
         atomic_write(path, lambda temp: Path(temp).write_text(text))
     except OSError as exc:  # a cache that cannot be written only costs time next run
-        print(f"warning: audit cache not written ({exc})", file=sys.stderr)
+        warn(events, f"audit cache not written ({exc})", str(path))
 
 
 def _file_key(sample: Sample, max_pixels: int) -> str | None:
-    try:
-        stat = os.stat(sample.path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(sample.path)}#{sample.index}|{stat.st_size}|{stat.st_mtime_ns}|{max_pixels}"
+    stamp = reader(sample).stamp(sample)
+    return None if stamp is None else f"{stamp}|{max_pixels}"
 
 
-def check_files(samples: list[Sample], settings: DataSettings, source: str,
-                progress: bool = True) -> list[FileCheck]:
-    """Check every sample, reusing cached results for files that have not changed."""
+def check_files(samples: list[Sample], settings: DataSettings, source: str, max_pixels: int,
+                events: Events | None = None, stop: StopToken | None = None) -> list[FileCheck]:
+    """Check every sample, reusing cached results for files that have not changed. A stop keeps
+    what was checked so far in the cache, then raises Stopped."""
+    events, stop = channel(events), stop_token(stop)
     source_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:16]
     cache_path = cache_dir() / f"audit-{source_key}.json"
     cache = _load_cache(cache_path)
-    keys = [_file_key(s, settings.max_pixels) for s in samples]
+    keys = [_file_key(s, max_pixels) for s in samples]
     results: list[FileCheck | None] = [None] * len(samples)
     todo = []
     for i, key in enumerate(keys):
@@ -125,23 +116,28 @@ def check_files(samples: list[Sample], settings: DataSettings, source: str,
             results[i] = FileCheck(**cache[key])
         else:
             todo.append(i)
-    workers = settings.audit_workers or os.cpu_count() or 1
     if todo:
-        with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=len(todo), desc="check", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for i, result in zip(todo, pool.map(lambda j: check_file(samples[j], settings.max_pixels), todo)):
-                results[i] = result
-                bar.update(1)
-        for i in todo:
-            if keys[i] is not None:
-                cache[keys[i]] = results[i].__dict__
-        _save_cache(cache_path, cache)
+        tracker = Tracker(events, "check", len(todo))
+        try:
+            with ThreadPoolExecutor(max_workers=settings.audit_workers or os.cpu_count() or 1) as pool:
+                for i, result in zip(todo, pool.map(lambda j: None if stop.is_set() else
+                                                    check_file(samples[j], max_pixels), todo)):
+                    if result is None:
+                        break
+                    results[i] = result
+                    if keys[i] is not None:
+                        cache[keys[i]] = result.__dict__
+                    tracker.advance()
+        finally:
+            _save_cache(cache_path, cache, events)
+        stop.check()
     return results  # type: ignore[return-value]
 
 
-def content_hashes(samples: list[Sample], settings: DataSettings, source: str) -> list[str]:
+def content_hashes(samples: list[Sample], settings: DataSettings, source: str, max_pixels: int,
+                   stop: StopToken | None = None) -> list[str]:
     """SHA-1 of each sample's bytes, from the audit cache (computed for files not seen before)."""
-    return [check.sha1 for check in check_files(samples, settings, source, progress=False)]
+    return [check.sha1 for check in check_files(samples, settings, source, max_pixels, stop=stop)]
 
 
 def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dict]:
@@ -163,26 +159,25 @@ def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dic
         if not kinds:
             kinds.append("within_class")
         for kind in kinds:
-            duplicates.append({"kind": kind, "sha1": sha1, "paths": [samples[i].name if samples[i].index >= 0
-                                                                       else samples[i].path for i in members],
+            duplicates.append({"kind": kind, "sha1": sha1, "paths": [samples[i].ref for i in members],
                                "labels": labels, "splits": splits})
     return duplicates
 
 
-def audit(scan_result: ScanResult, settings: DataSettings | None = None, progress: bool = True) -> AuditReport:
+def audit(scan_result: ScanResult, settings: DataSettings | None = None, system: SystemSettings | None = None,
+          events: Events | None = None, stop: StopToken | None = None) -> AuditReport:
     """Check every image of a scanned source; return usable samples, problems and statistics."""
-    settings = settings or DataSettings()
+    settings, system = settings or DataSettings(), system or SystemSettings()
     samples = scan_result.samples
-    checks = check_files(samples, settings, scan_result.root, progress)
+    checks = check_files(samples, settings, scan_result.root, system.max_pixels, events, stop)
     problems = list(scan_result.skipped)
     usable = []
     for sample, check in zip(samples, checks):
         if check.error:
-            problems.append({"path": sample.name if sample.index >= 0 else sample.path, "reason": check.error})
-        elif min(check.width, check.height) < settings.min_side and sample.index < 0:
-            # IDX data sets (MNIST: 28 px) are small by design; the size check is for photos
-            problems.append({"path": sample.path, "reason": f"too small ({check.width}x{check.height}, "
-                                                            f"under {settings.min_side} px a side)"})
+            problems.append({"path": sample.ref, "reason": check.error})
+        elif min(check.width, check.height) < settings.min_side and not reader(sample).small_by_design:
+            problems.append({"path": sample.ref, "reason": f"too small ({check.width}x{check.height}, "
+                                                           f"under {settings.min_side} px a side)"})
         else:
             usable.append(sample)
     duplicates = _find_duplicates(samples, checks)
@@ -220,3 +215,8 @@ def format_report(report: AuditReport, max_rows: int = 50) -> str:
         for dup in report.duplicates[:max_rows]:
             lines.append(f"  {dup['kind']}: " + " = ".join(dup["paths"]))
     return "\n".join(lines)
+
+
+def summary_line(report: AuditReport) -> str:
+    """One line: files, usable, classes and imbalance."""
+    return format_report(report, max_rows=0).splitlines()[0]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from imgclf.core.errors import ImageError
+
+__all__ = ["ImageError", "load_image", "decode_image_bytes", "read_file", "to_rgb", "is_image_name"]
 
 # Formats we decode. Everything else (PDF, EPS, FITS, ...) is refused before any decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -29,22 +32,6 @@ _KNOWN_OTHER_FORMATS = (
     (b"%!PS", "PostScript/EPS"),
     (b"SIMPLE  =", "FITS"),
 )
-
-
-class ImageError(Exception):
-    """An image that cannot be used, with the file and the reason."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class IdxImage:
-    """One image inside an MNIST-format IDX file, addressed as ``file#index``."""
-
-    array: np.ndarray  # (H, W) uint8
 
 
 def _sniff_unsupported(head: bytes) -> str:
@@ -118,8 +105,20 @@ def _open_checked(data: io.BytesIO | str, path: str, max_pixels: int) -> Image.I
     return image
 
 
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, or :class:`ImageError` naming why it cannot be read."""
+    name = str(path)
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except IsADirectoryError:
+        raise ImageError(name, "is a directory") from None
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+
+
 def load_image(
-    path: str | os.PathLike | IdxImage,
+    path: str | os.PathLike,
     *,
     draft_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -131,17 +130,7 @@ def load_image(
     size so the final resize keeps its quality. Use the same value everywhere for one model so the
     same photo always gives the same pixels.
     """
-    if isinstance(path, IdxImage):
-        return Image.fromarray(path.array, "L").convert("RGB")
-    name = str(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except IsADirectoryError:
-        raise ImageError(name, "is a directory") from None
-    except OSError as exc:
-        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
-    return decode_image_bytes(data, name, draft_size=draft_size, max_pixels=max_pixels)
+    return decode_image_bytes(read_file(path), str(path), draft_size=draft_size, max_pixels=max_pixels)
 
 
 def decode_image_bytes(

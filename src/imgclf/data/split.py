@@ -15,7 +15,8 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from imgclf.data.scan import Sample
+from imgclf.core.atomic import atomic_write
+from imgclf.data.sources import Sample
 
 SPLITS = ("train", "val", "test")
 _NOHASH = re.compile(r"_nohash_.*$")
@@ -58,8 +59,7 @@ def assign_splits(samples: list[Sample], val_fraction: float = 0.1, test_fractio
 
 
 def _hash_key(sample: Sample) -> str:
-    key = sample.rel or sample.path
-    return f"{key}#{sample.index}" if sample.index >= 0 else key
+    return sample.name
 
 
 def _fill_empty_splits(samples: list[Sample], carved: list[str], movable: set[int]) -> list[Sample]:
@@ -99,16 +99,29 @@ def limit_per_class(samples: list[Sample], per_class: int, seed: int) -> list[Sa
     return [s for s in samples if s.split != "train" or id(s) in keep]
 
 
+SPLIT_COLUMNS = ["path", "label", "split", "kind", "member"]
+
+
 def write_split_csv(samples: list[Sample], path: str | Path) -> None:
-    """The split used, one row per image: ``path,label,split,index``."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "index"])
-        for sample in samples:
-            writer.writerow([sample.path, sample.label, sample.split, sample.index])
+    """The split used, one row per image: ``path,label,split,kind,member``, written atomically."""
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SPLIT_COLUMNS)
+            for sample in samples:
+                writer.writerow([sample.path, sample.label, sample.split, sample.kind, sample.member])
+
+    atomic_write(path, write)
 
 
 def read_split_csv(path: str | Path) -> list[Sample]:
+    """The samples of a run's split.csv (also the ``index`` column that earlier versions wrote)."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return [Sample(r["path"], r["label"], r["split"], "", int(r.get("index") or -1)) for r in rows]
+    samples = []
+    for r in rows:
+        kind, member = r.get("kind") or "file", r.get("member") or ""
+        if "index" in r and int(r["index"] or -1) >= 0:
+            kind, member = "idx", r["index"]
+        samples.append(Sample(r["path"], r["label"], r["split"], "", member, kind))
+    return samples

@@ -5,44 +5,19 @@ so cached images stay small and the same photo gives the same tensor in every pa
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+from imgclf.core.errors import SettingsError
+from imgclf.core.preprocessing import Preprocessing
 from imgclf.data.preprocess import eval_array, resize_short_side, to_chw
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model wants its input: stored in the bundle, never worked out again."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-
-    @property
-    def resize_size(self) -> int:
-        """Short side before the centre crop (timm's ``crop_pct`` convention)."""
-        return int(math.floor(self.image_size / self.crop_pct))
-
-    @property
-    def mode(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
-                   str(data["interpolation"]), float(data["crop_pct"]))
+def interpolation_mode(prep: Preprocessing) -> InterpolationMode:
+    return InterpolationMode(prep.interpolation)
 
 
 def eval_tensor(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
@@ -61,9 +36,9 @@ def train_augmentation(preset: str, prep: Preprocessing) -> v2.Transform:
     """uint8 CHW (short side ``resize_size``) -> uint8 CHW ``image_size`` square, randomly varied."""
     size = [prep.image_size, prep.image_size]
     if preset == "none":
-        return v2.Compose([v2.Resize(prep.resize_size, prep.mode, antialias=True), v2.CenterCrop(size)])
+        return v2.Compose([v2.Resize(prep.resize_size, interpolation_mode(prep), antialias=True), v2.CenterCrop(size)])
     crop = v2.RandomResizedCrop(size, scale=(0.35, 1.0) if preset == "strong" else (0.6, 1.0),
-                                interpolation=prep.mode, antialias=True)
+                                interpolation=interpolation_mode(prep), antialias=True)
     steps: list[v2.Transform] = [crop, v2.RandomHorizontalFlip()]
     if preset == "strong":
         steps += [
@@ -74,7 +49,7 @@ def train_augmentation(preset: str, prep: Preprocessing) -> v2.Transform:
     elif preset == "light":
         steps.append(v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15))
     elif preset != "none":
-        raise ValueError(f"unknown augmentation preset '{preset}' (use {', '.join(AUGMENT_PRESETS)})")
+        raise SettingsError(f"unknown augmentation preset '{preset}' (use {', '.join(AUGMENT_PRESETS)})")
     return v2.Compose(steps)
 
 

@@ -11,8 +11,6 @@ import math
 import numpy as np
 import torch
 
-from imgclf.base import softmax  # noqa: F401  (torch-free; shared with the ONNX predictor)
-
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """The temperature that minimises the validation negative log-likelihood (1.0 without data)."""

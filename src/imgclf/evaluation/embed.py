@@ -6,23 +6,25 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from safetensors.torch import load_file, save_file
 
-from imgclf.data.dataset import open_sample, prefetch_batches
-from imgclf.data.images import ImageError
-from imgclf.data.scan import Sample, scan
+from imgclf.core.errors import ImageError
+from imgclf.core.events import Events, StopToken, Tracker, channel, ignore, info, skipped, stop_token
+from imgclf.core.rundir import RunDir
+from imgclf.data.dataset import open_for, prefetch_batches
+from imgclf.data.sources import Sample, open_sample, scan
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor
-from imgclf.predict import Classifier, load
-from imgclf.training.features import pooled_features
-from imgclf.training.loop import model_input
+from imgclf.evaluation.plots import plot_embedding_map
+from imgclf.models.device import model_input
+from imgclf.models.heads import pooled_features
+from imgclf.predictors.pytorch import Classifier, load_torch
 
 SPRITE_SIDE = 64  # pixels per thumbnail in the projector's sprite
 MAX_SPRITE = 8192  # TensorBoard's limit on the sprite image's side
@@ -35,27 +37,29 @@ class Embeddings:
     rows: list[int]  # position of each vector's sample in the list given to embed_samples
 
 
-def embed_samples(clf: Classifier, samples: list[Sample], progress: bool = True) -> Embeddings:
+def embed_samples(clf: Classifier, samples: list[Sample], events: Events = ignore,
+                  stop: StopToken | None = None) -> Embeddings:
     """Penultimate-layer vectors of the samples that decode (same preprocessing as prediction)."""
-    prep = clf.preprocessing
+    prep, stop = clf.preprocessing, stop_token(stop)
 
     def load_one(index: int) -> torch.Tensor | None:
         try:
-            return eval_tensor(open_sample(samples[index], prep), prep)
+            return eval_tensor(open_for(samples[index], prep, clf.max_pixels), prep)
         except ImageError as exc:
-            print(f"skipped {exc.path}: {exc.reason}", file=sys.stderr)
+            skipped(events, exc.path, exc.reason)
             return None
 
     vectors, kept = [], []
-    with tqdm(total=len(samples), desc="embed", unit="img", disable=not progress, file=sys.stderr) as bar, \
-            torch.no_grad():
+    tracker = Tracker(events, "embed", len(samples))
+    with torch.no_grad():
         for chunk, good, batch in prefetch_batches(len(samples), load_one, clf.batch_size):
             if batch is not None:
                 with clf.runtime.autocast():
                     x = model_input(batch, clf.runtime, prep)
                     vectors.append(pooled_features(clf.model, x).float().cpu().numpy())
                 kept += good
-            bar.update(len(chunk))
+            tracker.advance(len(chunk))
+            stop.check()
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
     return Embeddings(matrix.astype(np.float32), [samples[i] for i in kept], kept)
 
@@ -101,16 +105,13 @@ def map_2d(vectors: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
 
 
-def embed(run_dir: str | Path, data: str | None, out: str | Path, progress: bool = True,
-          max_tsne: int = 5000) -> Path:
+def embed(clf: Classifier, run_dir: str | Path, data: str | None, out: str | Path, events: Events | None = None,
+          stop: StopToken | None = None, max_tsne: int = 5000) -> Path:
     """Embeddings of ``data`` (or of the run's own split) with the run's model, written to ``out``."""
-    from imgclf.evaluation.plots import plot_embedding_map
-
-    out = Path(out)
+    out, events = Path(out), channel(events)
     out.mkdir(parents=True, exist_ok=True)
-    clf = load(run_dir)
-    samples = scan(data).samples if data else read_split_csv(Path(run_dir) / "split.csv")
-    emb = embed_samples(clf, samples, progress)
+    samples = scan(data).samples if data else read_split_csv(Path(run_dir) / RunDir.SPLIT)
+    emb = embed_samples(clf, samples, events, stop)
     np.save(out / "embeddings.npy", emb.vectors)
     with open(out / "embeddings.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
@@ -123,28 +124,26 @@ def embed(run_dir: str | Path, data: str | None, out: str | Path, progress: bool
     subset = slice(0, max_tsne)
     plot_embedding_map(map_2d(emb.vectors[subset], "tsne"), labels[subset], out / "map_tsne.png", "t-SNE",
                        thumbs[subset] if thumbs else None)
-    print(f"{len(emb.samples)} embeddings ({emb.vectors.shape[1]}-d) in {out}; TensorBoard: "
-          f"tensorboard --logdir {out}", file=sys.stderr)
+    info(events, f"{len(emb.samples)} embeddings ({emb.vectors.shape[1]}-d) in {out}; TensorBoard: "
+                 f"tensorboard --logdir {out}", str(out))
     return out
 
 
-def similar(run_dir: str | Path, image: str, k: int = 8, progress: bool = False) -> list[dict]:
+def similar(clf: Classifier, run_dir: str | Path, image: str, k: int = 8, events: Events | None = None,
+            stop: StopToken | None = None) -> list[dict]:
     """The ``k`` training photos nearest to ``image`` by cosine similarity of embeddings."""
-    from safetensors.torch import load_file, save_file
-
-    run_dir = Path(run_dir)
-    clf = load(run_dir)
-    train = [s for s in read_split_csv(run_dir / "split.csv") if s.split == "train"]
-    weights_id = hashlib.sha1((run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    run_dir, events = Path(run_dir), channel(events)
+    train = [s for s in read_split_csv(run_dir / RunDir.SPLIT) if s.split == "train"]
+    weights_id = hashlib.sha1((run_dir / RunDir.WEIGHTS).read_bytes()).hexdigest()[:16]
     index_path = run_dir / f"similar-index-{weights_id}.safetensors"
     if index_path.exists():  # cached per model weights: retraining makes a new index
         saved = load_file(str(index_path))
         vectors, kept = saved["vectors"].numpy(), [train[r] for r in saved["rows"].tolist()]
     else:
-        emb = embed_samples(clf, train, progress)
+        emb = embed_samples(clf, train, events, stop)
         vectors, kept = emb.vectors, emb.samples
         save_file({"vectors": torch.from_numpy(vectors), "rows": torch.tensor(emb.rows)}, str(index_path))
-    query = embed_samples(clf, [Sample(str(image), "", None)], progress=False)
+    query = embed_samples(clf, [Sample(str(image), "", None)])
     if not len(query.samples):
         raise ImageError(str(image), "cannot be read")
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
@@ -157,17 +156,17 @@ def similar(run_dir: str | Path, image: str, k: int = 8, progress: bool = False)
 def log_to_tensorboard(run_dir: str | Path, samples: list[Sample], limit: int = 1000) -> None:
     """Add the confusion matrix picture and the embeddings of (up to ``limit``) evaluated images,
     with thumbnails, to the run's TensorBoard log."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # TensorBoard's import is slow; only this needs it
 
     run_dir = Path(run_dir)
-    clf = load(run_dir)
+    clf = load_torch(run_dir)
     step = max(1, len(samples) // limit)
-    emb = embed_samples(clf, samples[::step][:limit], progress=False)
+    emb = embed_samples(clf, samples[::step][:limit])
     with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for name in ("confusion", "reliability"):
-            if (run_dir / f"{name}.png").exists():
-                picture = np.asarray(Image.open(run_dir / f"{name}.png").convert("RGB"))
-                writer.add_image(name, picture, dataformats="HWC")
+        for name in (RunDir.CONFUSION, RunDir.RELIABILITY):
+            if (run_dir / name).exists():
+                picture = np.asarray(Image.open(run_dir / name).convert("RGB"))
+                writer.add_image(Path(name).stem, picture, dataformats="HWC")
         if len(emb.samples):
             thumbs = torch.stack([torch.from_numpy(np.array(open_sample(s).resize((32, 32)), dtype=np.uint8))
                                   .permute(2, 0, 1) for s in emb.samples]).float() / 255

@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 
+from imgclf.core.rundir import RunDir
 from imgclf.data.images import ImageError, load_image
 
 THUMB = 112
@@ -107,22 +108,20 @@ def _calibration(run_dir: Path, metrics: dict) -> str:
                  f"the rest are answered <i>unknown</i> (<code>imgclf predict --min-confidence auto</code>).</p>")
         if chosen.get("note"):
             text += f"<p class='bad'>{html.escape(chosen['note'])}.</p>"
-    return text + _picture(run_dir, "reliability.png", "reliability diagram")
+    return text + _picture(run_dir, RunDir.RELIABILITY, "reliability diagram")
 
 
-def write_report_html(run_dir: Path, metrics: dict, meta: dict) -> Path:
-    """Write RUN_DIR/report.html from metrics.json's content and the pictures beside it."""
-    audit_path = run_dir / "audit.json"
-    audit = json.loads(audit_path.read_text()) if audit_path.exists() else {}
+def write_report_html(run_dir: Path, metrics: dict, meta: dict, audit: dict) -> Path:
+    """Write report.html into ``run_dir`` from metrics.json's content and the pictures beside it."""
     levels = "".join(f"<tr><td>depth {lv['depth']}</td><td>{100 * lv['accuracy']:.1f}%</td></tr>"
                      for lv in metrics.get("levels") or [])
-    rollups = "".join(_picture(run_dir, f"confusion_level{lv['depth']}.png", f"confusion at depth {lv['depth']}")
+    rollups = "".join(_picture(run_dir, RunDir(run_dir).confusion_at(lv["depth"]).name, f"confusion at depth {lv['depth']}")
                       for lv in (metrics.get("levels") or [])[:-1])
     gallery = "".join(_card(m) for m in metrics["mistakes"][:GALLERY])
     sections = [
         ("Summary", _summary(metrics, meta, audit)),
-        ("Training curves", _picture(run_dir, "curves.png", "training curves")),
-        ("Confusion matrix", _picture(run_dir, "confusion.png", "confusion matrix")),
+        ("Training curves", _picture(run_dir, RunDir.CURVES, "training curves")),
+        ("Confusion matrix", _picture(run_dir, RunDir.CONFUSION, "confusion matrix")),
         ("Per class, worst first", _per_class(metrics)),
         ("Most confused pairs", _confused_pairs(metrics)),
         ("Most confidently wrong", f"<div class='gallery' id='gallery'>{gallery}</div>"),
@@ -134,6 +133,4 @@ def write_report_html(run_dir: Path, metrics: dict, meta: dict) -> Path:
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>imgclf report: "
             f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
             f"<h1>imgclf report: {html.escape(run_dir.name)}</h1>{body}</body></html>")
-    path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return RunDir(run_dir).write_text(RunDir.REPORT_HTML, page)

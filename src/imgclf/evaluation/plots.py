@@ -10,6 +10,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from imgclf.core.atomic import atomic_write
+from imgclf.core.errors import ImageError
+from imgclf.data.sources import open_sample
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
@@ -138,10 +142,10 @@ def plot_history(history: list[dict], path: str | Path, best_epoch: int | None =
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write the figure, creating the folder, so callers can pass a fresh report directory."""
+    """Write the figure atomically, creating the folder, so callers can pass a fresh report directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+    atomic_write(path, lambda temp: fig.savefig(temp, dpi=_DPI, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -220,9 +224,6 @@ def plot_embedding_map(points: np.ndarray, labels: list[str], path: str | Path, 
             mask = np.array([lab == label for lab in labels])
             ax.scatter(points[mask, 0], points[mask, 1], s=12, color=colours(i % colours.N), label=label)
         if thumbs:
-            from imgclf.data.dataset import open_sample
-            from imgclf.data.images import ImageError
-
             for (x, y), sample in zip(points, thumbs):
                 try:
                     image = open_sample(sample).resize((32, 32))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from imgclf.core.rundir import RunDir
+
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
@@ -32,9 +34,9 @@ def write_report_md(run_dir: Path, metrics: dict, meta: dict, has_curves: bool) 
         lines += [f"| {lv['depth']} | {_pct(lv['accuracy'])} | {lv['n']} |" for lv in metrics["levels"]]
         lines.append("")
     if has_curves:
-        lines += ["## Training curves", "", "![training curves](curves.png)", ""]
+        lines += ["## Training curves", "", f"![training curves]({RunDir.CURVES})", ""]
     lines += ["## Confusion matrix", "", "Rows are the true class, normalised per row.", "",
-              "![confusion matrix](confusion.png)", "", "## Per class (worst first)", ""]
+              f"![confusion matrix]({RunDir.CONFUSION})", "", "## Per class (worst first)", ""]
     lines += _per_class_table(metrics["per_class"]) + [""]
     if metrics["most_confused"]:
         lines += ["## Most confused", "", "| true | predicted as | images |", "|---|---|---:|"]
@@ -48,6 +50,4 @@ def write_report_md(run_dir: Path, metrics: dict, meta: dict, has_curves: bool) 
         lines.append("")
     lines += ["## Settings", "", "```json"]
     lines += [json.dumps(settings, indent=2), "```", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return RunDir(run_dir).write_text(RunDir.REPORT_MD, "\n".join(lines))

@@ -3,31 +3,40 @@ pictures (confusion, curves, reliability), report.md and a self-contained report
 from __future__ import annotations
 
 import csv
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from imgclf.data.dataset import open_sample, prefetch_batches
+from imgclf.core.events import Events, StopToken, Tracker, channel, info, skipped, stop_token, warn
+from imgclf.core.meta import separator, update_meta
+from imgclf.core.numeric import softmax
+from imgclf.core.rundir import RunDir
+from imgclf.core.settings import Settings
+from imgclf.data.dataset import open_for, prefetch_batches
 from imgclf.data.images import ImageError
-from imgclf.data.scan import Sample, scan
+from imgclf.data.sources import Sample, scan
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor
-from imgclf.evaluation.calibration import precision_at, reliability, softmax
+from imgclf.evaluation.calibration import fit_temperature, precision_at, reliability, threshold_for_precision
+from imgclf.evaluation.embed import log_to_tensorboard
 from imgclf.evaluation.html import write_report_html
 from imgclf.evaluation.metrics import compute_metrics, rollup_confusion
 from imgclf.evaluation.plots import plot_confusion, plot_history, plot_reliability
 from imgclf.evaluation.report import write_report_md
-from imgclf.predict import Classifier, load
+from imgclf.predictors.pytorch import Classifier, load_torch
+
+
+def load_for_evaluation(run_dir: Path, settings: Settings) -> Classifier:
+    s = settings.system
+    return load_torch(run_dir, s.device, s.precision, settings.predict.predict_batch_size, s.max_pixels)
+
 
 def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], str]:
     """The run's own test split (val when it has none), or the test split / all of ``data``."""
     if data is None:
-        samples = read_split_csv(run_dir / "split.csv")
+        samples = read_split_csv(run_dir / RunDir.SPLIT)
         test = [s for s in samples if s.split == "test"]
         return (test, "test") if test else ([s for s in samples if s.split == "val"], "val")
     scanned = scan(data).samples
@@ -35,26 +44,28 @@ def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], 
     return (test, "test") if test else (scanned, "all")
 
 
-def sample_logits(clf: Classifier, samples: list[Sample], progress: bool) -> tuple[np.ndarray, list[int], list[dict]]:
+def sample_logits(clf: Classifier, samples: list[Sample], events: Events, stop: StopToken,
+                  stage: str = "evaluate") -> tuple[np.ndarray, list[int], list[ImageError]]:
     """Raw logits for the samples that decode; returns (logits, kept indices, failures). Decoding
     runs ahead of the model in threads, a few batches at a time (the predictor's own pipeline)."""
     prep = clf.preprocessing
-    failures: list[dict] = []
+    failures: list[ImageError] = []
 
     def load(index: int) -> torch.Tensor | None:
         try:
-            return eval_tensor(open_sample(samples[index], prep), prep)
+            return eval_tensor(open_for(samples[index], prep, clf.max_pixels), prep)
         except ImageError as exc:
-            failures.append({"path": exc.path, "reason": exc.reason})
+            failures.append(exc)
             return None
 
     logits, kept = [], []
-    with tqdm(total=len(samples), desc="evaluate", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for chunk, good, batch in prefetch_batches(len(samples), load, clf.batch_size):
-            if batch is not None:
-                logits.append(clf.logits_of_batch(batch))
-                kept += good
-            bar.update(len(chunk))
+    tracker = Tracker(events, stage, len(samples))
+    for chunk, good, batch in prefetch_batches(len(samples), load, clf.batch_size):
+        if batch is not None:
+            logits.append(clf.logits_of_batch(batch))
+            kept += good
+        tracker.advance(len(chunk))
+        stop.check()
     return (np.concatenate(logits) if logits else np.zeros((0, len(clf.classes_)))), kept, failures
 
 
@@ -72,21 +83,21 @@ def calibration_report(logits: np.ndarray, targets: np.ndarray, meta: dict) -> d
     return report
 
 
-def calibrate(run_dir: str | Path, target_precision: float = 0.95, progress: bool = False) -> dict:
+def calibrate(run_dir: str | Path, settings: Settings, events: Events | None = None,
+              stop: StopToken | None = None) -> dict:
     """Fit the temperature and the confidence threshold on the run's validation split and store
     both in model.json, so every later prediction uses them."""
-    run_dir = Path(run_dir)
-    clf = load(run_dir)
-    val = [s for s in read_split_csv(run_dir / "split.csv") if s.split == "val" and s.label in set(clf.classes_)]
-    logits, kept, _ = sample_logits(clf, val, progress)
-    return calibrate_from_logits(run_dir, clf.meta, logits, [val[i] for i in kept], target_precision)
+    run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
+    clf = load_for_evaluation(run_dir, settings)
+    known = set(clf.classes_)
+    val = [s for s in read_split_csv(run_dir / RunDir.SPLIT) if s.split == "val" and s.label in known]
+    logits, kept, _ = sample_logits(clf, val, events, stop, "calibrate")
+    return calibrate_from_logits(run_dir, clf.meta, logits, [val[i] for i in kept],
+                                 settings.evaluate.target_precision, events)
 
 
 def calibrate_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample],
-                          target_precision: float) -> dict:
-    from imgclf.bundle import update_meta
-    from imgclf.evaluation.calibration import fit_temperature, threshold_for_precision
-
+                          target_precision: float, events: Events) -> dict:
     if not samples:
         return {}
     index = {label: i for i, label in enumerate(meta["classes"])}
@@ -98,27 +109,27 @@ def calibrate_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples
                           f"precision at this threshold")
     update_meta(run_dir, {"temperature": temperature, "threshold": chosen})
     meta.update({"temperature": temperature, "threshold": chosen})
-    print(f"calibration on {len(targets)} validation images: temperature {temperature:.3f}; "
-          f"{target_precision:.0%} precision at confidence >= {chosen['threshold']:.3f} "
-          f"(decides {chosen['coverage']:.0%} of images)", file=sys.stderr)
+    info(events, f"calibration on {len(targets)} validation images: temperature {temperature:.3f}; "
+                 f"{target_precision:.0%} precision at confidence >= {chosen['threshold']:.3f} "
+                 f"(decides {chosen['coverage']:.0%} of images)")
     return {"temperature": temperature, "threshold": chosen}
 
 
-def write_pictures(run_dir: Path, metrics: dict, meta: dict) -> None:
+def write_pictures(out: Path, metrics: dict, meta: dict, history: list[dict]) -> None:
     """confusion.png (and one per hierarchy level), curves.png, reliability.png."""
-    plot_confusion(metrics["confusion"], run_dir / "confusion.png")
+    folder = RunDir(out)
+    plot_confusion(metrics["confusion"], folder / RunDir.CONFUSION)
     for level in (metrics.get("levels") or [])[:-1]:  # the deepest level is confusion.png itself
-        plot_confusion(rollup_confusion(metrics["confusion"], level["depth"]),
-                       run_dir / f"confusion_level{level['depth']}.png", title=f"Confusion at depth {level['depth']}")
-    history = read_history(run_dir)
+        plot_confusion(rollup_confusion(metrics["confusion"], level["depth"], separator(meta)),
+                       folder.confusion_at(level["depth"]), title=f"Confusion at depth {level['depth']}")
     if history:
-        plot_history(history, run_dir / "curves.png", best_epoch=meta.get("epoch"))
+        plot_history(history, folder / RunDir.CURVES, best_epoch=meta.get("epoch"))
     if metrics.get("calibration"):
-        plot_reliability(metrics["calibration"], run_dir / "reliability.png")
+        plot_reliability(metrics["calibration"], folder / RunDir.RELIABILITY)
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "history.csv"
+    path = run_dir / RunDir.HISTORY
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as handle:
@@ -126,41 +137,60 @@ def read_history(run_dir: Path) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, progress: bool = True) -> dict:
-    """Evaluate a run; writes metrics.json, the pictures, report.md and report.html into it."""
-    run_dir = Path(run_dir)
-    clf = load(run_dir)
+def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | None = None,
+             settings: Settings | None = None, events: Events | None = None, stop: StopToken | None = None) -> dict:
+    """Evaluate a run on its test split, or on other labelled ``data``; writes metrics.json, the
+    pictures, report.md and report.html into ``out`` (the run folder by default)."""
+    run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
+    clf = load_for_evaluation(run_dir, settings or Settings())
     samples, split = samples_to_evaluate(run_dir, data)
     known = set(clf.classes_.tolist())
     unknown = [s for s in samples if s.label not in known]
     samples = [s for s in samples if s.label in known]
     if unknown:
-        print(f"warning: {len(unknown)} images have labels the model does not know; left out", file=sys.stderr)
-    logits, kept, failures = sample_logits(clf, samples, progress)
+        warn(events, f"{len(unknown)} images have labels the model does not know; left out")
+    logits, kept, failures = sample_logits(clf, samples, events, stop)
     for failure in failures:
-        print(f"skipped {failure['path']}: {failure['reason']}", file=sys.stderr)
-    extra = {"split": split, "data": data or "run split", "skipped": failures, "unknown_labels": len(unknown)}
-    return report_from_logits(run_dir, clf.meta, logits, [samples[i] for i in kept], extra)
+        skipped(events, failure.path, failure.reason)
+    extra = {"split": split, "data": str(data) if data else "run split",
+             "skipped": [{"path": f.path, "reason": f.reason} for f in failures], "unknown_labels": len(unknown)}
+    return report_from_logits(run_dir, clf.meta, logits, [samples[i] for i in kept], extra, events, out)
 
 
-def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample], extra: dict) -> dict:
+def after_training(run_dir: str | Path, logits: dict | None, settings: Settings, events: Events | None = None,
+                   stop: StopToken | None = None) -> dict:
+    """Calibrate a freshly trained run on its validation split, then report on its test split.
+    ``logits`` ({split: (logits, samples)}, as head mode hands them on) saves running the model."""
+    run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
+    if not logits:
+        calibrate(run_dir, settings, events, stop)
+        return evaluate(run_dir, settings=settings, events=events, stop=stop)
+    meta = RunDir(run_dir).read_json(RunDir.META)
+    if "val" in logits:
+        calibrate_from_logits(run_dir, meta, *logits["val"], settings.evaluate.target_precision, events)
+    split = "test" if "test" in logits else "val"
+    extra = {"split": split, "data": "run split", "skipped": [], "unknown_labels": 0}
+    return report_from_logits(run_dir, meta, *logits[split], extra, events)
+
+
+def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample], extra: dict,
+                       events: Events, out: str | Path | None = None) -> dict:
     """Metrics, pictures and reports from the logits of labelled samples (whatever computed them)."""
+    out = Path(out or run_dir)
     classes = list(meta["classes"])
     index = {label: i for i, label in enumerate(classes)}
     targets = np.array([index[s.label] for s in samples], dtype=np.int64)
     probs = softmax(logits, float(meta.get("temperature", 1.0)))
-    metrics = compute_metrics(probs, targets, classes, [s.name for s in samples])
+    metrics = compute_metrics(probs, targets, classes, [s.name for s in samples], separator(meta))
     metrics.update({"architecture": meta["architecture"], **extra,
                     "calibration": calibration_report(logits, targets, meta)})
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
-    write_pictures(run_dir, metrics, meta)
-    report = write_report_md(run_dir, metrics, meta, has_curves=(run_dir / "curves.png").exists())
-    write_report_html(run_dir, metrics, meta)
-    if (run_dir / "tensorboard").is_dir():
-        from imgclf.evaluation.embed import log_to_tensorboard
-
+    RunDir(out).write_json(RunDir.METRICS, metrics)
+    history = read_history(run_dir)
+    write_pictures(out, metrics, meta, history)
+    report = write_report_md(out, metrics, meta, has_curves=bool(history))
+    write_report_html(out, metrics, meta, RunDir(run_dir).read_json(RunDir.AUDIT, {}))
+    if (run_dir / RunDir.TENSORBOARD).is_dir() and out == run_dir:
         log_to_tensorboard(run_dir, samples)
-    print(f"{metrics['split']} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} "
-          f"images; report: {report}", file=sys.stderr)
+    info(events, f"{metrics['split']} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} "
+                 f"images; report: {report}", str(report))
     return metrics

@@ -7,13 +7,10 @@ import difflib
 import timm
 from torch import nn
 
-from imgclf.data.transforms import Preprocessing
-from imgclf.models import small_cnns  # noqa: F401  (registers cnn1, cnn3, cnn4, alexnet_bn in timm)
-from imgclf.models.small_cnns import SMALL_CNNS
-
-
-class ModelError(ValueError):
-    """A model name or weights that cannot be used, with the reason."""
+from imgclf.core.errors import ModelError, WeightsError
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.models.pretrained import lite_weights_file, load_pretrained
+from imgclf.models.small_cnns import SMALL_CNNS  # importing it registers cnn1, cnn3, cnn4, alexnet_bn in timm
 
 
 def check_model_name(name: str) -> None:
@@ -28,8 +25,6 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, drop_
                  weights: str = "", download: bool = False) -> nn.Module:
     """A freshly initialised network with ``num_classes`` outputs, or one with pretrained weights
     (see :mod:`imgclf.models.pretrained`: offline first, the network only when allowed)."""
-    from imgclf.models.pretrained import WeightsError, load_pretrained
-
     check_model_name(name)
     if pretrained and is_scratch_model(name):
         raise ModelError(f"{name} is trained from scratch: no pretrained weights exist for it")
@@ -60,7 +55,7 @@ def preprocessing_for(model: nn.Module, name: str, image_size: int,
     our CNNs). Fine-tuning adapts to either; see the ``interpolation`` setting for the default."""
     if is_scratch_model(name):
         if mean is None or std is None:
-            raise ValueError("scratch models need the training split's mean and std")
+            raise ModelError(f"{name} is trained from scratch: its mean and std come from the training split")
         return Preprocessing(image_size, tuple(mean), tuple(std), _filter(interpolation, "bilinear"), 1.0)
     config = timm.data.resolve_data_config({}, model=model)
     return Preprocessing(image_size, tuple(config["mean"]), tuple(config["std"]),
@@ -74,8 +69,6 @@ def _filter(setting: str, own: str) -> str:
 
 def resolve_pretrained(setting: str, name: str, weights: str = "", download: bool = False) -> bool:
     """``auto``: pretrained whenever weights are at hand (built in, a local file, or download allowed)."""
-    from imgclf.models.pretrained import lite_weights_file
-
     if setting != "auto":
         return setting == "on"
     return not is_scratch_model(name) and bool(weights or lite_weights_file(name) or download)
@@ -88,24 +81,6 @@ def resolve_image_size(setting: int, name: str, model: nn.Module) -> int:
     if is_scratch_model(name):
         return 64
     return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
-
-
-def classifier_name(model: nn.Module) -> str:
-    """Dotted name of the final classifier layer (timm records it in the pretrained config)."""
-    return getattr(model, "pretrained_cfg", {}).get("classifier", "fc") if not is_small(model) else "fc"
-
-
-def is_small(model: nn.Module) -> bool:
-    from imgclf.models.small_cnns import SmallCNN
-
-    return isinstance(model, SmallCNN)
-
-
-def set_classifier(model: nn.Module, head: nn.Module) -> None:
-    """Replace the final classifier layer with ``head`` (a Linear or a small MLP)."""
-    parent_name, _, leaf = classifier_name(model).rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, head)
 
 
 def freeze_early_layers(model: nn.Module, max_reduction: int) -> int:

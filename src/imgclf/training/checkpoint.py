@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from imgclf.atomic import atomic_write
+from imgclf.core.atomic import atomic_write
+from imgclf.core.errors import CheckpointError
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read, with the file and reason."""
 
 
 def _flatten(value: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -68,8 +65,6 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; never unpickles anything."""
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         return _unflatten(json.loads(metadata["imgclf_state"]), tensors)

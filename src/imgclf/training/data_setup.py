@@ -1,25 +1,27 @@
-"""The data side of a run: scan, audit, split and validate once, then reload exactly on resume;
+"""The data side of a run: scan, audit, split and validate once (or reload exactly on resume);
 decode images into memory caches and build the loaders."""
+
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from imgclf.data.audit import audit, format_report
+from imgclf.core.errors import DataError
+from imgclf.core.events import Events, StopToken, info, skipped, warn
+from imgclf.core.machine import available_memory_bytes
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.core.rundir import RunDir
+from imgclf.core.settings import Settings
+from imgclf.data.audit import audit, summary_line
 from imgclf.data.dataset import EpochSampler, ImageDataset, collate_skip_bad, decode_all
-from imgclf.data.scan import DataError, Sample, scan
+from imgclf.data.sources import Sample, scan
 from imgclf.data.split import assign_splits, limit_per_class, read_split_csv, write_split_csv
-from imgclf.data.transforms import Preprocessing, eval_tensor, train_augmentation, train_cache_tensor
-from imgclf.settings import Settings
+from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
 from imgclf.training.distributed import Distributed
-from imgclf.training.hardware import available_memory_bytes
 
 
 @dataclass
@@ -35,12 +37,14 @@ class RunData:
         return [index[s.label] for s in samples]
 
 
-def validate_for_training(samples: list[Sample]) -> list[str]:
+def validate_for_training(samples: list[Sample], skipped_files: int = 0) -> list[str]:
     """Refuse data that cannot train a classifier, before any time is spent; return the classes."""
     counts = Counter(s.label for s in samples)
     if len(counts) < 2:
         found = f"only '{next(iter(counts))}'" if counts else "none"
-        raise DataError(f"need at least 2 classes with usable images to train a classifier, found {found}")
+        left_out = f" ({skipped_files} files were skipped: see audit.json or imgclf check)" if skipped_files else ""
+        raise DataError(f"need at least 2 classes with usable images to train a classifier, found {found}"
+                        f"{left_out}")
     lonely = sorted(label for label, n in counts.items() if n < 2)
     if lonely:
         raise DataError(f"classes with a single usable image cannot be split for training and testing: "
@@ -52,32 +56,30 @@ def validate_for_training(samples: list[Sample]) -> list[str]:
     return sorted(counts)
 
 
-def prepare_data(data: str, settings: Settings, out: Path, info: Distributed, progress: bool) -> RunData:
+def prepare_data(source: str, settings: Settings, run: RunDir, ranks: Distributed, events: Events,
+                 stop: StopToken) -> RunData:
     """Scan and audit the source, split it, and write split.csv and audit.json into the run folder."""
-    scanned = scan(data)
-    report = audit(scanned, settings.data, progress=progress and info.is_main)
-    if info.is_main:
-        report.write_json(out / "audit.json")
+    report = audit(scan(source), settings.data, settings.system, events, stop)
+    if ranks.is_main:
+        report.write_json(run / RunDir.AUDIT)
         for problem in report.problems:
-            print(f"skipped {problem['path']}: {problem['reason']}", file=sys.stderr)
+            skipped(events, problem["path"], problem["reason"])
         leaks = [d for d in report.duplicates if d["kind"] in ("across_splits", "conflicting_labels")]
         if leaks:
-            print(f"warning: {len(leaks)} duplicate image(s) across splits or labels (see audit.json)",
-                  file=sys.stderr)
+            warn(events, f"{len(leaks)} duplicate image(s) across splits or labels (see audit.json)",
+                 str(run / RunDir.AUDIT))
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
     samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
-    classes = validate_for_training(samples)
-    if info.is_main:
-        write_split_csv(samples, out / "split.csv")
-        summary = format_report(report, max_rows=0).splitlines()[0]
-        print(summary, file=sys.stderr)
+    classes = validate_for_training(samples, len(report.problems))
+    if ranks.is_main:
+        write_split_csv(samples, run / RunDir.SPLIT)
+        info(events, summary_line(report))
     return RunData(classes, samples)
 
 
-def reload_data(out: Path) -> RunData:
+def reload_data(run: RunDir) -> RunData:
     """The exact samples and classes of an earlier run (for --resume)."""
-    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    return RunData(list(run["classes"]), read_split_csv(out / "split.csv"))
+    return RunData(list(run.read_run()["classes"]), read_split_csv(run / RunDir.SPLIT))
 
 
 def use_memory_cache(setting: str, n_train: int, n_eval: int, prep: Preprocessing) -> bool:
@@ -98,15 +100,16 @@ def worker_count(setting: int, cached: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _cached_dataset(samples: list[Sample], targets: list[int], prep: Preprocessing, train: bool,
-                    cache: bool, progress: bool, desc: str) -> tuple[list[Sample], list[int], list | None]:
+def _cached_dataset(samples: list[Sample], targets: list[int], prep: Preprocessing, train: bool, cache: bool,
+                    stage: str, ctx: tuple[Events, StopToken, int]) -> tuple[list[Sample], list[int], list | None]:
     """Decode into memory (dropping files that fail, each reported) or leave decoding to the loader."""
     if not cache:
         return samples, targets, None
+    events, stop, max_pixels = ctx
     to_tensor = (lambda im: train_cache_tensor(im, prep)) if train else (lambda im: eval_tensor(im, prep))
-    tensors, failures = decode_all(samples, to_tensor, prep, desc, progress)
+    tensors, failures = decode_all(samples, to_tensor, prep, stage, events, stop, max_pixels)
     for failure in failures:
-        print(f"skipped {failure['path']}: {failure['reason']}", file=sys.stderr)
+        skipped(events, failure.path, failure.reason)
     keep = [i for i, t in enumerate(tensors) if t is not None]
     return [samples[i] for i in keep], [targets[i] for i in keep], [tensors[i] for i in keep]
 
@@ -125,27 +128,27 @@ class Loaders:
     train_dataset: ImageDataset
 
 
-def build_loaders(run_data: RunData, prep: Preprocessing, settings: Settings, info: Distributed,
-                  progress: bool) -> Loaders:
-    t = settings.train
+def build_loaders(run_data: RunData, prep: Preprocessing, settings: Settings, ranks: Distributed,
+                  events: Events, stop: StopToken) -> Loaders:
+    t, system = settings.train, settings.system
     train_samples, val_samples = run_data.split("train"), run_data.split("val")
-    cache = use_memory_cache(t.cache, len(train_samples), len(val_samples), prep)
-    show = progress and info.is_main
+    cache = use_memory_cache(system.cache, len(train_samples), len(val_samples), prep)
+    ctx = (events, stop, system.max_pixels)
     train_samples, train_targets, train_cache = _cached_dataset(
-        train_samples, run_data.targets(train_samples), prep, True, cache, show, "decode train")
+        train_samples, run_data.targets(train_samples), prep, True, cache, "decode train", ctx)
     val_samples, val_targets, val_cache = _cached_dataset(
-        val_samples, run_data.targets(val_samples), prep, False, cache, show, "decode val")
+        val_samples, run_data.targets(val_samples), prep, False, cache, "decode val", ctx)
     train_set = ImageDataset(train_samples, train_targets, prep, True, train_augmentation(t.augment, prep),
-                             t.seed, train_cache)
-    sampler = EpochSampler(len(train_set), t.seed, True, info.rank, info.world_size)
-    workers = worker_count(t.workers, cache)
-    drop_last = len(train_set) // info.world_size > t.batch_size  # no 1-image batches for batch norm
+                             t.seed, train_cache, system.max_pixels)
+    sampler = EpochSampler(len(train_set), t.seed, True, ranks.rank, ranks.world_size)
+    workers = worker_count(system.workers, cache)
+    drop_last = len(train_set) // ranks.world_size > t.batch_size  # no 1-image batches for batch norm
     train_loader = DataLoader(train_set, t.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate_skip_bad, drop_last=drop_last,
                               pin_memory=torch.cuda.is_available(), generator=_own_generator(t.seed))
     val_loader = None
     if val_samples:
-        val_set = ImageDataset(val_samples, val_targets, prep, False, cache=val_cache)
+        val_set = ImageDataset(val_samples, val_targets, prep, False, cache=val_cache, max_pixels=system.max_pixels)
         val_loader = DataLoader(val_set, t.batch_size * 2, num_workers=workers, collate_fn=collate_skip_bad,
                                 generator=_own_generator(t.seed))
     return Loaders(train_loader, sampler, val_loader, train_set)

@@ -39,6 +39,11 @@ def init_distributed() -> Distributed:
     return Distributed(rank, local_rank, world_size)
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def broadcast_flag(flag: bool, info: Distributed) -> bool:
     """Agree on a yes/no across processes (any process saying yes makes it yes)."""
     if not info.enabled:

@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
-from imgclf.atomic import atomic_write
+from imgclf.core.atomic import atomic_write
+from imgclf.core.events import Events, StopToken, Tracker, skipped
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.core.settings import PREDICT_BATCH_SIZE
 from imgclf.data.audit import cache_dir
-from imgclf.data.dataset import open_sample, prefetch_batches
-from imgclf.data.images import ImageError
-from imgclf.data.scan import Sample
-from imgclf.data.transforms import Preprocessing, eval_tensor, train_augmentation, train_cache_tensor
-from imgclf.training.hardware import Runtime
-from imgclf.training.loop import model_input
-
-
-def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The penultimate-layer vector timm models expose (``forward_head(pre_logits=True)``)."""
-    return model.forward_head(model.forward_features(x), pre_logits=True)
+from imgclf.data.dataset import open_for, prefetch_batches
+from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageError
+from imgclf.data.sources import Sample
+from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
+from imgclf.models import heads
+from imgclf.models.device import Runtime, model_input
 
 
 class FeatureStore:
@@ -62,14 +58,15 @@ class FeatureStore:
         self.dirty = False
 
 
-def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, view: int, seed: int):
+def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, view: int, seed: int,
+                 events: Events, max_pixels: int):
     augment = train_augmentation("light", prep) if view else None
 
     def load(index: int) -> torch.Tensor | None:
         try:
-            image = open_sample(samples[index], prep)
+            image = open_for(samples[index], prep, max_pixels)
         except ImageError as exc:
-            print(f"skipped {exc.path}: {exc.reason}", file=sys.stderr)
+            skipped(events, exc.path, exc.reason)
             return None
         if augment is None:
             return eval_tensor(image, prep)
@@ -82,25 +79,29 @@ def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, samples: list[Sample], hashes: list[str], store: FeatureStore,
-                     prep: Preprocessing, runtime: Runtime, view: int = 0, seed: int = 0,
-                     batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """Features (float32) for the samples that decode, and their indices; cached ones are reused."""
+                     prep: Preprocessing, runtime: Runtime, events: Events, stop: StopToken, view: int = 0,
+                     seed: int = 0, batch_size: int = PREDICT_BATCH_SIZE,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[int]]:
+    """Features (float32) for the samples that decode, and their indices; cached ones are reused.
+    A stop saves the features computed so far (a rerun starts where this one ended) and raises Stopped."""
     model.eval()
     todo = [i for i, h in enumerate(hashes) if h not in store.vectors]
     if todo:
-        load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed)
-        bar = tqdm(total=len(todo), desc=f"features (view {view})", unit="img", disable=not progress,
-                   file=sys.stderr)
-        for chunk, positions, batch in prefetch_batches(len(todo), load, batch_size):
-            if batch is not None:
-                with runtime.autocast():
-                    vectors = pooled_features(model, model_input(batch, runtime, prep)).float().cpu()
-                for position, vector in zip(positions, vectors):
-                    store.vectors[hashes[todo[position]]] = vector.to(torch.float16)
-                store.dirty = True
-            bar.update(len(chunk))
-        bar.close()
-        store.save()
+        load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed, events,
+                            max_pixels)
+        tracker = Tracker(events, f"features (view {view})", len(todo))
+        try:
+            for chunk, positions, batch in prefetch_batches(len(todo), load, batch_size):
+                if batch is not None:
+                    with runtime.autocast():
+                        vectors = heads.pooled_features(model, model_input(batch, runtime, prep)).float().cpu()
+                    for position, vector in zip(positions, vectors):
+                        store.vectors[hashes[todo[position]]] = vector.to(torch.float16)
+                    store.dirty = True
+                tracker.advance(len(chunk))
+                stop.check()
+        finally:
+            store.save()
     kept = [i for i, h in enumerate(hashes) if h in store.vectors]
     if not kept:
         return torch.zeros(0, 0), []

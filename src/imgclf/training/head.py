@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from imgclf.models.heads import make_head
+
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
@@ -30,13 +32,6 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, mean 1 over the samples: rare classes count as much as common ones."""
     counts = torch.bincount(targets, minlength=num_classes).float().clamp_min(1)
     return counts.sum() / (num_classes * counts)
-
-
-def make_head(in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Module:
-    if hidden <= 0:
-        return nn.Linear(in_features, num_classes)
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(hidden, num_classes))
 
 
 def _fold_standardisation(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> nn.Module:

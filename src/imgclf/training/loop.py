@@ -1,48 +1,22 @@
 """One epoch of training and one pass of evaluation, as plain functions (torchvision references style)."""
+
 from __future__ import annotations
 
 import math
-import signal
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from imgclf.data.transforms import Preprocessing, normalize_batch
-from imgclf.training.hardware import Runtime
+from imgclf.core.events import Events, StopToken, Tracker, skipped
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.data.images import ImageError
+from imgclf.models.device import Runtime, model_input
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training cannot go on from here."""
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM: the loop finishes the current step, then checkpoints and stops."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step "
-              f"(send it again to quit at once)", file=sys.stderr)
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> "StopRequest":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+    """The loss became NaN or infinite: training cannot go on from here (fit turns it into a TrainError)."""
 
 
 @dataclass
@@ -72,75 +46,84 @@ class TrainStep:
     runtime: Runtime
     prep: Preprocessing
     frozen_bn: bool = False  # keep batch-norm statistics as pretrained (finetune on small data)
+    reported: set = field(default_factory=set)  # bad files already named (once per run, not per epoch)
 
 
-def model_input(batch: torch.Tensor, runtime: Runtime, prep: Preprocessing) -> torch.Tensor:
-    """uint8 NCHW batch -> normalised float on the device, in the run's memory layout."""
-    x = normalize_batch(batch.to(runtime.device, non_blocking=True), prep)
-    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
+def report_failures(failures: list[ImageError], events: Events, reported: set) -> None:
+    for failure in failures:
+        if failure.path not in reported:
+            reported.add(failure.path)
+            skipped(events, failure.path, failure.reason)
 
 
-def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: StopRequest,
-                    epoch: int, epochs: int, max_steps: int = 0, global_step: int = 0,
-                    show: bool = True) -> tuple[EpochProgress, bool]:
-    """Train over ``loader`` from ``progress.step`` on. Returns the totals and whether the epoch
-    ended early (a stop was requested or ``max_steps`` reached)."""
+def _train_mode(step: TrainStep) -> None:
     step.model.train()
     if step.frozen_bn:
         for module in step.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-               disable=not show, file=sys.stderr, leave=False)
+
+
+def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: StopToken, epoch: int, epochs: int,
+                    events: Events, max_steps: int = 0, global_step: int = 0) -> tuple[EpochProgress, bool]:
+    """Train over ``loader`` from ``progress.step`` on. Returns the totals and whether the epoch
+    ended early (the stop token was set or ``max_steps`` reached), always after a whole step."""
+    _train_mode(step)
+    tracker = Tracker(events, "train", len(loader), unit="batch")
+    tracker.detail = {"epoch": epoch + 1, "epochs": epochs}
     started = time.perf_counter()
     interrupted = False
-    for batch in loader:
-        if batch is None:
-            continue
-        images, targets = batch
-        targets = targets.to(step.runtime.device, non_blocking=True)
-        with step.runtime.autocast():
-            logits = step.model(model_input(images, step.runtime, step.prep))
-            loss = step.loss_fn(logits.float(), targets)
-        if not math.isfinite(loss.item()):
-            bar.close()
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1}; "
-                f"the model was not updated with it. Try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})")
-        step.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        step.optimizer.step()
-        step.scheduler.step()
-        progress.step += 1
-        progress.seen += len(targets)
-        progress.loss_sum += loss.item() * len(targets)
-        progress.correct += int((logits.argmax(1) == targets).sum())
+    for images, targets, failures in loader:
+        report_failures(failures, events, step.reported)
+        if images is not None:
+            _optimisation_step(step, images, targets, progress, epoch)
         progress.seconds += time.perf_counter() - started
         started = time.perf_counter()
-        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}",
-                        img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}", refresh=False)
-        bar.update(1)
-        if stop.requested or (max_steps and global_step + progress.step >= max_steps):
+        tracker.advance(loss=round(progress.loss_sum / max(progress.seen, 1), 4),
+                        images_per_s=round(progress.seen / max(progress.seconds, 1e-9), 1))
+        if stop.is_set() or (max_steps and global_step + progress.step >= max_steps):
             interrupted = True
             break
-    bar.close()
+    if not interrupted:
+        tracker.finish()
     return progress, interrupted
+
+
+def _optimisation_step(step: TrainStep, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress,
+                       epoch: int) -> None:
+    targets = targets.to(step.runtime.device, non_blocking=True)
+    with step.runtime.autocast():
+        logits = step.model(model_input(images, step.runtime, step.prep))
+        loss = step.loss_fn(logits.float(), targets)
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1}; the model was not updated "
+            f"with it. Try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})")
+    step.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    step.optimizer.step()
+    step.scheduler.step()
+    progress.step += 1
+    progress.seen += len(targets)
+    progress.loss_sum += loss.item() * len(targets)
+    progress.correct += int((logits.argmax(1) == targets).sum())
 
 
 @torch.no_grad()
 def evaluate_logits(model: nn.Module, loader, runtime: Runtime, prep: Preprocessing,
-                    show: bool = False, desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+                    events: Events, reported: set) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and targets for every decodable image in ``loader``."""
     model.eval()
     all_logits, all_targets = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not show, file=sys.stderr, leave=False):
-        if batch is None:
-            continue
-        images, targets = batch
-        with runtime.autocast():
-            logits = model(model_input(images, runtime, prep))
-        all_logits.append(logits.float().cpu())
-        all_targets.append(targets)
+    tracker = Tracker(events, "validate", len(loader), unit="batch")
+    for images, targets, failures in loader:
+        report_failures(failures, events, reported)
+        if images is not None:
+            with runtime.autocast():
+                logits = model(model_input(images, runtime, prep))
+            all_logits.append(logits.float().cpu())
+            all_targets.append(targets)
+        tracker.advance()
     if not all_logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(all_logits), torch.cat(all_targets)

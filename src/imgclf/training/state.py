@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from imgclf.core.atomic import atomic_write
 from imgclf.training.checkpoint import load_checkpoint
 from imgclf.training.distributed import unwrap
 from imgclf.training.loop import EpochProgress, TrainStep
@@ -57,8 +58,12 @@ def restore_state(step: TrainStep, path: Path) -> RunState:
                     saved["best_epoch"], saved["bad_epochs"])
 
 
-def write_history(out: Path, history: list[dict]) -> None:
-    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv, one row per epoch, written atomically."""
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)

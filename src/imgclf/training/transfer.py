@@ -9,19 +9,22 @@
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from imgclf.core.errors import SettingsError
+from imgclf.core.events import Events, StopToken, info
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.core.settings import Settings
 from imgclf.data.audit import content_hashes
-from imgclf.data.scan import Sample
-from imgclf.models.factory import is_scratch_model, set_classifier
-from imgclf.settings import Settings
+from imgclf.data.sources import Sample
+from imgclf.models.device import Runtime
+from imgclf.models.factory import is_scratch_model
+from imgclf.models.heads import set_classifier
 from imgclf.training.data_setup import RunData
 from imgclf.training.features import FeatureStore, extract_features
-from imgclf.training.hardware import Runtime
-from imgclf.training.head import HeadFit, class_weights, fit_head, make_head
+from imgclf.training.head import HeadFit, class_weights, fit_head
 
 # Fine-tuning EfficientNet-Lite0 at 224 px with stages up to stride 8 frozen trains about 25 img/s on
 # 2 CPU cores (bf16, measured; docs/benchmarks.md): 20,000 image-epochs is about 13 minutes.
@@ -36,12 +39,12 @@ FINETUNE_MIN_PER_CLASS = 30
 
 def resolve_mode(settings: Settings, pretrained: bool, runtime: Runtime, n_train: int,
                  n_classes: int = 1) -> tuple[str, str]:
-    """The training mode to use, and why (printed in the log)."""
+    """The training mode to use, and why (said in the log)."""
     mode = settings.train.mode
     if is_scratch_model(settings.model.model) or not pretrained:
         if mode in ("head", "finetune"):
-            raise ValueError(f"mode '{mode}' needs a pretrained model; {settings.model.model} has no "
-                             f"pretrained weights here (use --mode full)")
+            raise SettingsError(f"setting 'mode': '{mode}' needs a pretrained model; {settings.model.model} has no "
+                                f"pretrained weights here (use --mode full, or a pretrained --model)")
         return "full", "the model starts from scratch: all layers are trained"
     if mode != "auto":
         return mode, "as asked"
@@ -76,31 +79,31 @@ class SplitFeatures:
     samples: list[Sample]
 
 
-def _features(model, run_data: RunData, split: str, hashes: dict, settings: Settings, prep, runtime,
-              views: int, progress: bool) -> SplitFeatures:
+def _features(model, run_data: RunData, split: str, hashes: dict, settings: Settings, prep: Preprocessing,
+              runtime: Runtime, views: int, signals: tuple[Events, StopToken]) -> SplitFeatures:
     samples = run_data.split(split)
-    sample_hashes = [hashes[(s.path, s.index)] for s in samples]
+    sample_hashes = [hashes[s.ref] for s in samples]
     targets = torch.tensor(run_data.targets(samples), dtype=torch.long)
     xs, ys, kept_samples = [], [], []
     for view in range(views + 1):
         store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view)
-        x, kept = extract_features(model, samples, sample_hashes, store, prep, runtime, view,
-                                   settings.train.seed, progress=progress)
+        x, kept = extract_features(model, samples, sample_hashes, store, prep, runtime, *signals, view=view,
+                                   seed=settings.train.seed, max_pixels=settings.system.max_pixels)
         xs.append(x)
         ys.append(targets[kept])
         kept_samples += [samples[i] for i in kept]
     return SplitFeatures(torch.cat(xs), torch.cat(ys), kept_samples)
 
 
-def fit_transfer_head(model, run_data: RunData, settings: Settings, prep, runtime: Runtime, source: str,
-                      progress: bool) -> tuple[HeadFit, dict[str, SplitFeatures]]:
+def fit_transfer_head(model, run_data: RunData, settings: Settings, prep: Preprocessing, runtime: Runtime,
+                      source: str, events: Events, stop: StopToken) -> tuple[HeadFit, dict[str, SplitFeatures]]:
     """Cached features -> fitted head, installed as the model's classifier. Also returns the val and
     test features, from which head mode calibrates and evaluates without running the backbone again."""
     samples = run_data.samples
-    digests = content_hashes(samples, settings.data, source)
-    hashes = {(s.path, s.index): h for s, h in zip(samples, digests)}
+    digests = content_hashes(samples, settings.data, source, settings.system.max_pixels, stop)
+    hashes = {s.ref: h for s, h in zip(samples, digests)}
     feats = {split: _features(model, run_data, split, hashes, settings, prep, runtime,
-                              settings.train.distortions if split == "train" else 0, progress)
+                              settings.train.distortions if split == "train" else 0, (events, stop))
              for split in ("train", "val", "test")}
     train, val = feats["train"], feats["val"]
     num_classes = len(run_data.classes)
@@ -109,15 +112,7 @@ def fit_transfer_head(model, run_data: RunData, settings: Settings, prep, runtim
     fit = fit_head(train.x, train.y, val.x, val.y, num_classes, hidden=settings.model.head_hidden,
                    weights=weights, label_smoothing=settings.train.label_smoothing, seed=settings.train.seed)
     set_classifier(model, fit.head.to(runtime.device))
-    print(f"head on {len(train.y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
-          f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
-          f"{', class-weighted loss' if weights is not None else ''}", file=sys.stderr)
+    info(events, f"head on {len(train.y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
+                 f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
+                 f"{', class-weighted loss' if weights is not None else ''}")
     return fit, feats
-
-
-def install_saved_head(model, meta: dict) -> None:
-    """Rebuild an MLP head recorded in a bundle before its weights are loaded."""
-    hidden = int((meta.get("head") or {}).get("hidden", 0))
-    if hidden:
-        in_features = int(meta["head"]["in_features"])
-        set_classifier(model, make_head(in_features, len(meta["classes"]), hidden))

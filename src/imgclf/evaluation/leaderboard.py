@@ -1,9 +1,10 @@
-"""``compare``: train several candidates on the same split and seed, and keep the best by
-validation top-1 (never by test, which stays an honest estimate of the chosen model).
+"""The leaderboard of ``compare``: one row per trained candidate, ranked by validation top-1
+(never by test, which stays an honest estimate of the chosen model), as Markdown, CSV, JSON and a
+chart, and the best run's model and report copied to ``best/``.
 
 A candidate is ``MODEL[:MODE]``, e.g. ``cnn4`` or ``tf_efficientnet_lite0:head``. With
-``per_class`` sizes, every candidate is trained at each size and accuracy is drawn against the
-number of photos per class ("how many photos do I need?").
+``per_class`` sizes, accuracy is also drawn against the number of photos per class ("how many
+photos do I need?").
 """
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import csv
 import json
 import math
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
-from imgclf.settings import Settings, apply_overrides
-from imgclf.training.fit import train
+from imgclf.core.errors import SettingsError
+from imgclf.core.rundir import RunDir
+from imgclf.evaluation.plots import plot_accuracy_vs_n, plot_leaderboard
 
 COLUMNS = ("candidate", "per_class", "mode", "val_top1", "test_top1", "test_top5", "train_seconds",
            "train_images_per_s", "parameters", "size_mb", "run_dir")
@@ -35,52 +35,36 @@ class Leaderboard:
 def parse_candidate(spec: str) -> dict:
     model, _, mode = spec.strip().partition(":")
     if not model:
-        raise ValueError(f"empty candidate in '{spec}'")
+        raise SettingsError(f"--models: empty candidate in '{spec}' (expected MODEL[:MODE], comma-separated)")
     return {"model": model, "mode": mode or "auto"}
 
 
 def _parameters(bundle: Path) -> int:
-    with safe_open(str(bundle / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(bundle / RunDir.WEIGHTS), framework="pt") as handle:
         return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
-def _row(spec: str, per_class: int, run_dir: Path, seconds: float) -> dict:
-    meta = json.loads((run_dir / "model.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    with open(run_dir / "history.csv", newline="") as handle:
+def leaderboard_row(spec: str, per_class: int, run_dir: Path, seconds: float) -> dict:
+    run = RunDir(run_dir)
+    meta, metrics = run.read_json(RunDir.META), run.read_json(RunDir.METRICS)
+    with open(run / RunDir.HISTORY, newline="") as handle:
         speeds = [float(r["images_per_s"]) for r in csv.DictReader(handle) if r["images_per_s"] not in ("", "nan")]
     return {"candidate": spec, "per_class": per_class or "all", "mode": meta.get("mode", ""),
             "val_top1": meta["metrics"]["val_top1"], "test_top1": metrics["top1"], "test_top5": metrics["top5"],
             "train_seconds": round(seconds, 1),
             "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,  # head: no epochs
             "parameters": _parameters(run_dir),
-            "size_mb": round((run_dir / "model.safetensors").stat().st_size / 2**20, 2), "run_dir": str(run_dir)}
+            "size_mb": round((run / RunDir.WEIGHTS).stat().st_size / 2**20, 2), "run_dir": str(run_dir)}
 
 
-def compare(data: str, candidates: list[str], out: str | Path, overrides: dict | None = None,
-            per_class: list[int] | None = None, progress: bool = True) -> Leaderboard:
-    """Train every candidate (at every ``per_class`` size) into ``out/<name>/`` and rank them."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    apply_overrides(Settings(), overrides or {})  # refuse bad settings before any training
-    rows = []
-    for size in per_class or [0]:
-        for spec in candidates:
-            run_dir = out / (spec.replace(":", "-") + (f"-n{size}" if size else ""))
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            print(f"\n== {spec}{f' with {size} photos per class' if size else ''} ==", file=sys.stderr)
-            started = time.perf_counter()
-            train(data, run_dir, {**(overrides or {}), **parse_candidate(spec), "per_class": size},
-                  progress=progress)
-            rows.append(_row(spec, size, run_dir, time.perf_counter() - started))
+def write_leaderboard(rows: list[dict], out: Path, per_class: list[int] | None) -> Leaderboard:
+    """Rank the rows, keep the best bundle (by validation, among the largest per-class size) in
+    ``out/best``, and write the leaderboard files."""
     largest = [r for r in rows if r["per_class"] == (per_class[-1] if per_class else "all")]
     best = max(largest, key=lambda r: (r["val_top1"], -r["train_seconds"]))
     _keep_best(best, out)
     _write(rows, best, out, bool(per_class))
-    print(f"best by validation top-1: {best['candidate']} (val {best['val_top1']:.3f}, test "
-          f"{best['test_top1']:.3f}); its bundle is in {out / 'best'}", file=sys.stderr)
     return Leaderboard(rows, best, out)
 
 
@@ -89,15 +73,11 @@ def _keep_best(best: dict, out: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir()
-    for name in ("model.safetensors", "model.json", "metrics.json", "report.md", "confusion.png", "curves.png"):
-        source = Path(best["run_dir"]) / name
-        if source.exists():
-            shutil.copy2(source, target / name)
+    for source in RunDir(best["run_dir"]).deliverables():
+        shutil.copy2(source, target / source.name)
 
 
 def _write(rows: list[dict], best: dict, out: Path, few_shot: bool) -> None:
-    from imgclf.evaluation.plots import plot_accuracy_vs_n, plot_leaderboard
-
     ranked = sorted(rows, key=lambda r: -r["val_top1"])
     (out / "leaderboard.json").write_text(json.dumps({"best": best, "rows": ranked}, indent=2) + "\n")
     with open(out / "leaderboard.csv", "w", newline="") as handle:

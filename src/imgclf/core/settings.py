@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from imgclf.core.errors import SettingsError
+
 
 def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
     """Declare one setting: its default, its one-line help and, optionally, allowed values."""
@@ -26,7 +28,6 @@ class DataSettings:
     test_fraction: float = setting(0.1, "share of each class held out for testing when no split is given")
     min_side: int = setting(32, "images smaller than this many pixels on a side are skipped as too small")
     min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit")
-    max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs")
     audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)")
     per_class: int = setting(0, "train on at most this many images per class (stratified, seeded; 0: all)")
 
@@ -69,14 +70,6 @@ class TrainSettings:
     augment: str = setting("light", "augmentation preset", choices=("none", "light", "strong"))
     patience: int = setting(6, "stop when validation loss has not improved for this many epochs (0: never)")
     seed: int = setting(0, "random seed: the same seed and data give the same model")
-    precision: str = setting("auto", "number format: auto picks bf16 where the CPU/GPU supports it",
-                             choices=("auto", "fp32", "bf16"))
-    channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)")
-    cache: str = setting("auto", "keep decoded images in memory: auto does so when they fit",
-                         choices=("auto", "ram", "none"))
-    threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
     max_steps: int = setting(0, "stop after this many optimisation steps in total (0: no limit; for tests)")
 
 
@@ -91,12 +84,30 @@ class PredictSettings:
     top_k: int = setting(5, "how many labels to return per image")
     min_confidence: str = setting("", "below this top probability the label is 'unknown': a number, "
                                   "or auto for the bundle's recommended threshold")
-    predict_batch_size: int = setting(64, "images per forward pass when predicting")
+    predict_batch_size: int = setting(32, "images per forward pass when predicting, evaluating, exporting and "
+                                      "extracting features")
     backend: str = setting("auto", "torch; onnx (ONNX Runtime on the folder written by imgclf export); openvino "
                            "(the same export); auto: the export's measured best on this CPU, else torch",
                            choices=("auto", "torch", "onnx", "openvino"))
     int8: bool = setting(False, "run the int8 model written by imgclf export --int8 (on ONNX Runtime)")
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
+
+
+@dataclass
+class SystemSettings:
+    """How this machine runs the work, never what is learned: the one section that ``--resume``
+    may change, and that train, predict, export and the service all read."""
+
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = setting("auto", "number format: auto picks bf16 where the CPU/GPU supports it",
+                             choices=("auto", "fp32", "bf16"))
+    channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
+    threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
+    workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)")
+    cache: str = setting("auto", "keep decoded images in memory: auto does so when they fit",
+                         choices=("auto", "ram", "none"))
+    max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs "
+                              "(in check, train, evaluate and predict)")
 
 
 @dataclass
@@ -106,19 +117,16 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
+    system: SystemSettings = field(default_factory=SystemSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def dump(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 SECTIONS = {f.name: f.type for f in fields(Settings)}
-
-
-class SettingsError(ValueError):
-    """A setting name or value that imgclf does not accept."""
+SYSTEM = "system"
+PREDICT_BATCH_SIZE = PredictSettings().predict_batch_size  # the one default, wherever images are run in batches
 
 
 def section_fields(section: str) -> list[dataclasses.Field]:
@@ -151,12 +159,7 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     Unknown names fail with a "did you mean" suggestion.
     """
     names = _all_names()
-    flat: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+    flat = flat_overrides(overrides)
     result = Settings(**{s: dataclasses.replace(getattr(settings, s)) for s in SECTIONS})
     for key, value in flat.items():
         if key not in names:
@@ -168,7 +171,9 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         coerced = _coerce(key, value, spec.default)
         choices = spec.metadata.get("choices")
         if choices and coerced not in choices:
-            raise SettingsError(f"setting '{key}': {coerced!r} is not one of {', '.join(choices)}")
+            close = difflib.get_close_matches(str(coerced), choices, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SettingsError(f"setting '{key}': {coerced!r} is not one of {', '.join(choices)}{hint}")
         setattr(section, key, coerced)
     validate(result)
     return result
@@ -176,7 +181,7 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
 
 def validate(settings: Settings) -> None:
     """Refuse values that cannot work, with the reason."""
-    d, m, t = settings.data, settings.model, settings.train
+    d, m, t, s = settings.data, settings.model, settings.train, settings.system
     if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
         raise SettingsError("val_fraction and test_fraction must be in [0, 1) and leave room for training")
     if m.image_size and m.image_size < 8:
@@ -185,6 +190,10 @@ def validate(settings: Settings) -> None:
         raise SettingsError("epochs and batch_size must be at least 1")
     if t.lr <= 0:
         raise SettingsError("lr must be positive")
+    if s.max_pixels < 1 or settings.predict.predict_batch_size < 1:
+        raise SettingsError("max_pixels and predict_batch_size must be at least 1")
+    if s.device != "auto" and s.device != "cpu" and not s.device.startswith("cuda"):
+        raise SettingsError(f"setting 'device': '{s.device}' is not auto, cpu, cuda or cuda:N")
     if not 0 < settings.evaluate.target_precision < 1:
         raise SettingsError("target_precision must be between 0 and 1 (e.g. 0.95)")
     confidence = settings.predict.min_confidence
@@ -208,7 +217,44 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
 
 
 def from_dict(data: dict) -> Settings:
-    """Rebuild settings saved by :meth:`Settings.to_dict` (tolerating keys added in later versions)."""
+    """Rebuild settings saved by :meth:`Settings.to_dict`, tolerating keys added in later versions
+    and keys that moved section (read by name: names are unique across sections)."""
     names = _all_names()
-    known = {k: v for section in SECTIONS for k, v in data.get(section, {}).items() if k in names}
+    known = {k: v for section in data.values() if isinstance(section, dict) for k, v in section.items()
+             if k in names}
     return apply_overrides(Settings(), known)
+
+
+def as_settings(settings: Settings | dict | None) -> Settings:
+    """What every verb accepts: a :class:`Settings`, a dict of overrides (flat or by section), or None."""
+    if settings is None:
+        return Settings()
+    if isinstance(settings, Settings):
+        validate(settings)
+        return settings
+    return apply_overrides(Settings(), dict(settings))
+
+
+def flat_overrides(overrides: dict) -> dict:
+    """``{section: {name: value}}`` or ``{name: value}`` as flat ``{name: value}``."""
+    flat: dict = {}
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def resume_overrides(saved: Settings, overrides: dict) -> tuple[Settings, list[str]]:
+    """A resumed run keeps everything it learned with; only the system section (device, threads,
+    ...) may change. Returns the settings to use and the names of the overrides left out."""
+    names = _all_names()
+    flat = flat_overrides(overrides)
+    system = {k: v for k, v in flat.items() if names.get(k) == SYSTEM}
+    ignored = [k for k, v in flat.items() if k not in system and getattr(getattr(saved, names.get(k, SYSTEM)),
+                                                                        k, object()) != v]
+    unknown = [k for k in ignored if k not in names]
+    if unknown:
+        apply_overrides(saved, {unknown[0]: flat[unknown[0]]})  # the "did you mean" error
+    return apply_overrides(saved, system), sorted(ignored)

@@ -5,7 +5,6 @@ are stacked (``_stack``) and how a batch becomes probabilities (``_proba_of_batc
 from __future__ import annotations
 
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,22 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageError
-from imgclf.data.preprocess import prefetch_batches
+from imgclf.core.errors import ImageError, NoThresholdError
+from imgclf.core.events import Events, StopToken, Tracker, channel, stop_token
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.data.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from imgclf.data.preprocess import eval_array, prefetch_batches
 
 UNKNOWN = "unknown"  # the label given below the confidence threshold
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities from logits divided by the calibration temperature (float64, stable)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-class NoThresholdError(ValueError):
-    """``min_confidence="auto"`` with a model that has no recommended threshold."""
 
 
 @dataclass
@@ -50,13 +40,27 @@ class FilePrediction:
 
 
 class BasePredictor:
+    backend: str
     classes_: np.ndarray
     meta: dict
+    preprocessing: Preprocessing
     batch_size: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
     _stack: Callable
 
     def _input(self, item):  # one image (path, PIL image or HWC array) -> its CHW model input
         raise NotImplementedError
+
+    def _pixels(self, item) -> np.ndarray:
+        """One image as the uint8 CHW centre crop the model sees: the same code for every backend."""
+        if isinstance(item, Image.Image):
+            image = to_rgb(item)
+        elif isinstance(item, np.ndarray):
+            image = to_rgb(Image.fromarray(item))
+        else:
+            image = load_image(item, draft_size=self.preprocessing.resize_size, max_pixels=self.max_pixels)
+        prep = self.preprocessing
+        return eval_array(image, prep.image_size, prep.resize_size, prep.interpolation)
 
     def _proba_of_batch(self, batch) -> np.ndarray:  # stacked inputs -> (n, classes) probabilities
         raise NotImplementedError
@@ -116,17 +120,18 @@ class BasePredictor:
             return float(chosen["threshold"])
         return float(value)
 
-    def predict_files(self, paths: Iterable[str], k: int = 5, progress: bool = False, workers: int | None = None,
-                      min_confidence: float | str | None = None) -> Iterator[FilePrediction]:
+    def predict_files(self, paths: Iterable[str], k: int = 5, workers: int | None = None,
+                      min_confidence: float | str | None = None, events: Events | None = None,
+                      stop: StopToken | None = None) -> Iterator[FilePrediction]:
         """Top-k for many files, in order, decoding the next batches while this one runs.
 
         A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
-        Memory stays bounded: at most three batches are decoded at a time.
+        Memory stays bounded: at most three batches are decoded at a time. A stop ends the
+        stream after the current batch (raising Stopped).
         """
-        from tqdm import tqdm
-
         paths, k = list(paths), min(k, len(self.classes_))
         threshold, errors = self.confidence_threshold(min_confidence), {}
+        stop = stop_token(stop)
 
         def decode(index: int):
             try:
@@ -136,17 +141,18 @@ class BasePredictor:
                 return None
 
         batches = -(-len(paths) // self.batch_size)
-        with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
-            prefetched = prefetch_batches(len(paths), decode, self.batch_size, self._stack, workers)
-            for chunk, good, proba in self._run_batches(prefetched, batches):
-                rows = dict(zip(good, proba)) if proba is not None else {}
-                for index in chunk:
-                    if index not in rows:
-                        yield FilePrediction(paths[index], error=errors.pop(index, "cannot decode"))
-                        continue
-                    order = np.argsort(-rows[index])[:k]
-                    top = float(rows[index][order[0]])
-                    label = str(self.classes_[order[0]]) if threshold is None or top >= threshold else UNKNOWN
-                    yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
-                                         [float(rows[index][j]) for j in order], label=label)
-                bar.update(len(chunk))
+        tracker = Tracker(channel(events), "predict", len(paths))
+        prefetched = prefetch_batches(len(paths), decode, self.batch_size, self._stack, workers)
+        for chunk, good, proba in self._run_batches(prefetched, batches):
+            rows = dict(zip(good, proba)) if proba is not None else {}
+            for index in chunk:
+                if index not in rows:
+                    yield FilePrediction(paths[index], error=errors.pop(index, "cannot decode"))
+                    continue
+                order = np.argsort(-rows[index])[:k]
+                top = float(rows[index][order[0]])
+                label = str(self.classes_[order[0]]) if threshold is None or top >= threshold else UNKNOWN
+                yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
+                                     [float(rows[index][j]) for j in order], label=label)
+            tracker.advance(len(chunk))
+            stop.check()

@@ -4,7 +4,7 @@
   no autocast) on test images must stay under 1e-4.
 - OpenVINO (where installed): top-1 agreement with PyTorch and speed against ONNX Runtime on this
   CPU, recorded so the predictor's ``auto`` backend can follow the measurement.
-- int8: static post-training quantization (:mod:`imgclf.quantize`: QDQ, per-channel weights, bias
+- int8: static post-training quantization (:mod:`imgclf.export.quantize`: QDQ, per-channel weights, bias
   correction) that ONNX Runtime runs with its int8 kernels, calibrated on training images; top-1
   agreement with fp32 on the test split must reach 99% and accuracy may drop by at most 1 point
   (dynamic int8 is slower than fp32 for these convolutional nets, so it is not offered).
@@ -15,9 +15,9 @@ temperature and threshold, and the check results.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,30 +25,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.bundle import read_meta
+from imgclf.core.errors import ExportError
+from imgclf.core.events import Events, StopToken, channel, info, stop_token, warn
+from imgclf.core.meta import write_meta
+from imgclf.core.numeric import softmax
+from imgclf.core.rundir import RunDir
+from imgclf.core.settings import Settings
 from imgclf.data.dataset import decode_all
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor, normalize_batch
-from imgclf.evaluation.calibration import softmax
-from imgclf.predict import load
-from imgclf.quantize import quantize_int8
+from imgclf.export.quantize import quantize_int8
+from imgclf.predictors import weights_digest
+from imgclf.predictors.onnx import FP32_FILE, INT8_FILE, compile_openvino, cpu_capabilities, openvino_precision
+from imgclf.predictors.pytorch import Classifier, load_torch
+
+__all__ = ["export", "ExportError", "FP32_TOLERANCE", "INT8_MIN_AGREEMENT", "INT8_MAX_DROP"]
 
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_DROP = 0.01
 
 
-class ExportError(RuntimeError):
-    """An export that failed its check against PyTorch: it is not written as done."""
-
-
-def _inputs(clf, samples: list, limit: int, desc: str) -> tuple[np.ndarray, list[int]]:
+def _inputs(clf: Classifier, samples: list, limit: int, stage: str, signals: tuple[Events, StopToken]) \
+        -> tuple[np.ndarray, list[int]]:
     """Normalised float32 NCHW inputs of up to ``limit`` samples (spread over the list), and their rows."""
     step = max(1, len(samples) // limit) if limit else 1
     positions = list(range(0, len(samples), step))[:limit] if limit else list(range(len(samples)))
     prep = clf.preprocessing
-    tensors, _ = decode_all([samples[p] for p in positions], lambda im: eval_tensor(im, prep), prep, desc,
-                            progress=False)
+    tensors, _ = decode_all([samples[p] for p in positions], lambda im: eval_tensor(im, prep), prep, stage,
+                            *signals, clf.max_pixels)
     kept = [i for i, t in enumerate(tensors) if t is not None]
     if not kept:
         raise ExportError("no readable images to check the export with")
@@ -73,9 +78,6 @@ def _torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 32) -
 def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
     """torch.export-based ONNX export (the TorchScript one cannot express our small CNNs' adaptive
     pooling to a grid that does not divide the feature map)."""
-    import contextlib
-    import io
-
     dummy = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter is chatty
@@ -85,7 +87,8 @@ def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
                           external_data=False, verbose=False)
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, check_images: int = 256,
+def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, settings: Settings | None = None,
+           events: Events | None = None, stop: StopToken | None = None, check_images: int = 256,
            calibration_images: int = 512) -> dict:
     """Write the ONNX bundle folder (default ``RUN_DIR/onnx``) and return the check results.
 
@@ -93,45 +96,53 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
     The int8 flips are photos whose top two fp32 logits nearly tie, so which ones flip moves with
     the calibration set. On two trainings of the default clothing-small model, 256 photos gave
     1-4 of 372 test photos flipped over eight sets (4 fails the 99% check), 512 gave 0-1 over five."""
-    run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "onnx"
+    run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
+    signals = (events, stop)
+    out = Path(out) if out else run_dir / RunDir.ONNX
     out.mkdir(parents=True, exist_ok=True)
-    clf = load(run_dir, device="cpu", precision="fp32")
-    meta = read_meta(run_dir)
-    split = read_split_csv(run_dir / "split.csv")
+    system = (settings or Settings()).system
+    clf = load_torch(run_dir, device="cpu", precision="fp32", max_pixels=system.max_pixels)
+    split = read_split_csv(run_dir / RunDir.SPLIT)
     test = [s for s in split if s.split == "test"] or [s for s in split if s.split == "val"]
-    fp32_path = out / "model.onnx"
+    fp32_path = out / FP32_FILE
     _export_fp32(clf.model, clf.preprocessing.image_size, fp32_path)
-    x, _ = _inputs(clf, test, check_images, "check")
-    temperature = float(meta.get("temperature", 1.0))
+    x, _ = _inputs(clf, test, check_images, "check export", signals)
+    temperature = float(clf.meta.get("temperature", 1.0))
     reference = softmax(_torch_logits(clf.model, x), temperature)
     difference = float(np.abs(softmax(_onnx_logits(fp32_path, x), temperature) - reference).max())
     if difference >= FP32_TOLERANCE:
         fp32_path.unlink()
-        raise ExportError(f"ONNX fp32 differs from PyTorch by {difference:.2e} (limit {FP32_TOLERANCE:.0e})")
-    report = {"fp32": {"file": "model.onnx", "max_abs_diff_probs": difference, "checked_images": len(x)}}
+        raise ExportError(f"{run_dir}: ONNX fp32 differs from PyTorch by {difference:.2e} (limit "
+                          f"{FP32_TOLERANCE:.0e}); the export was not written")
+    report = {"fp32": {"file": FP32_FILE, "max_abs_diff_probs": difference, "checked_images": len(x)},
+              "weights_sha256": weights_digest(run_dir / RunDir.WEIGHTS)}
     openvino = _check_openvino(fp32_path, x, reference, temperature)
     if openvino:
         report["openvino"] = openvino
-    _write_meta(out, meta, report)  # the fp32 bundle is complete whatever happens to int8
+    _write_meta(out, clf.meta, report)  # the fp32 bundle is complete whatever happens to int8
+    _say_openvino(openvino, events)
+    info(events, f"exported {fp32_path} (max prob diff {difference:.1e} on {len(x)} images)", str(fp32_path))
     if int8:
+        stop.check()
         try:
-            report["int8"] = _export_int8(clf, split, test, fp32_path, out / "model.int8.onnx", calibration_images)
+            report["int8"] = _export_int8(clf, split, test, fp32_path, out / INT8_FILE, calibration_images, signals)
         except ExportError as exc:
-            _write_meta(out, meta, {**report, "int8": {"failed": str(exc)}})
+            _write_meta(out, clf.meta, {**report, "int8": {"failed": str(exc)}})
             raise
-        _write_meta(out, meta, report)
-    if openvino.get("error"):
-        print(f"OpenVINO could not run this model ({openvino['error']}); predict uses ONNX Runtime", file=sys.stderr)
-    elif openvino:
-        print(f"OpenVINO {openvino['precision']}: {openvino['images_per_s']:.0f} img/s vs ONNX Runtime "
-              f"{openvino['onnxruntime_images_per_s']:.0f}, top-1 agreement {openvino['top1_agreement']:.3f}"
-              f" -> {'recommended' if openvino['recommended'] else 'not recommended'} on this CPU", file=sys.stderr)
-    print(f"exported {fp32_path} (max prob diff {difference:.1e} on {len(x)} images)"
-          + (f" and {out / 'model.int8.onnx'} (top-1 agreement {report['int8']['top1_agreement']:.3f}, "
-             f"accuracy {report['int8']['accuracy']:.3f} vs {report['int8']['fp32_accuracy']:.3f})" if int8 else ""),
-          file=sys.stderr)
+        _write_meta(out, clf.meta, report)
+        result = report["int8"]
+        info(events, f"exported {out / INT8_FILE} (top-1 agreement {result['top1_agreement']:.3f}, accuracy "
+                     f"{result['accuracy']:.3f} vs {result['fp32_accuracy']:.3f})", str(out / INT8_FILE))
     return report
+
+
+def _say_openvino(openvino: dict, events: Events) -> None:
+    if openvino.get("error"):
+        warn(events, f"OpenVINO could not run this model ({openvino['error']}); predict uses ONNX Runtime")
+    elif openvino:
+        info(events, f"OpenVINO {openvino['precision']}: {openvino['images_per_s']:.0f} img/s vs ONNX Runtime "
+                     f"{openvino['onnxruntime_images_per_s']:.0f}, top-1 agreement {openvino['top1_agreement']:.3f}"
+                     f" -> {'recommended' if openvino['recommended'] else 'not recommended'} on this CPU")
 
 
 def _images_per_second(run_batch, x: np.ndarray, batch_size: int = 32) -> float:
@@ -147,9 +158,8 @@ def _check_openvino(fp32_path: Path, x: np.ndarray, reference: np.ndarray, tempe
     ONNX Runtime on this CPU, on the check images. The predictor's ``auto`` backend follows the
     recommendation only on a CPU with the same capabilities."""
     try:
-        from imgclf.runtime import compile_openvino, cpu_capabilities, openvino_precision
         precision = openvino_precision()
-    except ImportError:
+    except ImportError:  # OpenVINO is an optional extra
         return {}
     import onnxruntime as ort
 
@@ -173,24 +183,26 @@ def _check_openvino(fp32_path: Path, x: np.ndarray, reference: np.ndarray, tempe
 def _write_meta(out: Path, meta: dict, report: dict) -> None:
     onnx_meta = {k: v for k, v in meta.items() if k != "settings"}
     onnx_meta["onnx"] = {"input": "pixels", "output": "logits", "layout": "NCHW float32, normalised", **report}
-    (out / "model.json").write_text(json.dumps(onnx_meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_meta(out, onnx_meta)
 
 
-def _export_int8(clf, split: list, test: list, fp32_path: Path, int8_path: Path, calibration_images: int) -> dict:
+def _export_int8(clf: Classifier, split: list, test: list, fp32_path: Path, int8_path: Path,
+                 calibration_images: int, signals: tuple[Events, StopToken]) -> dict:
     train = [s for s in split if s.split == "train"]
-    calibration, _ = _inputs(clf, train, calibration_images, "calibrate int8")
+    calibration, _ = _inputs(clf, train, calibration_images, "calibrate int8", signals)
     method = quantize_int8(fp32_path, int8_path, calibration)
-    x, rows = _inputs(clf, test, 0, "check int8")
+    signals[1].check()
+    x, rows = _inputs(clf, test, 0, "check int8", signals)
     index = {label: i for i, label in enumerate(clf.classes_.tolist())}
     targets = np.array([index.get(test[r].label, -1) for r in rows])
     fp32_top1 = _onnx_logits(fp32_path, x).argmax(1)
     int8_top1 = _onnx_logits(int8_path, x).argmax(1)
-    result = {"file": "model.int8.onnx", "top1_agreement": float((fp32_top1 == int8_top1).mean()),
+    result = {"file": INT8_FILE, "top1_agreement": float((fp32_top1 == int8_top1).mean()),
               "accuracy": float((int8_top1 == targets).mean()), "fp32_accuracy": float((fp32_top1 == targets).mean()),
               "checked_images": len(x), "calibration_images": len(calibration), **method}
     if result["top1_agreement"] < INT8_MIN_AGREEMENT or result["fp32_accuracy"] - result["accuracy"] > INT8_MAX_DROP:
         shutil.move(str(int8_path), str(int8_path.with_suffix(".failed.onnx")))
-        raise ExportError(f"int8 export failed its check: top-1 agreement {result['top1_agreement']:.3f} "
+        raise ExportError(f"{int8_path}: int8 export failed its check: top-1 agreement {result['top1_agreement']:.3f} "
                           f"(needs {INT8_MIN_AGREEMENT}), accuracy {result['accuracy']:.3f} vs fp32 "
                           f"{result['fp32_accuracy']:.3f} (may drop {INT8_MAX_DROP}); kept as *.failed.onnx")
     return result

@@ -1,40 +1,17 @@
-"""What the machine can do, detected rather than assumed: device, bf16 support, memory layout."""
+"""Where and how tensors are computed, detected rather than assumed: device, bf16 autocast,
+memory layout; and how a uint8 batch becomes the model's input there."""
+
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 autocast pays on such CPUs (2x+ measured); elsewhere it is slower."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
-
-
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+from imgclf.core.errors import SettingsError
+from imgclf.core.machine import cpu_flags, cpu_has_fast_bf16
+from imgclf.core.preprocessing import Preprocessing
+from imgclf.data.transforms import normalize_batch
 
 
 @dataclass(frozen=True)
@@ -55,21 +32,32 @@ class Runtime:
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{self.device}, {precision}, {layout}, {torch.get_num_threads()} threads"
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto",
                     local_rank: int = 0) -> Runtime:
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise SettingsError(f"setting 'device': '{device}' is not a device (auto, cpu, cuda or cuda:N)") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' asked for, but no CUDA GPU is available")
+        raise SettingsError(f"setting 'device': '{device}' asked for, but no CUDA GPU is available here; "
+                            f"use --device cpu (or auto)")
     if precision == "auto":
-        if torch_device.type == "cuda":
-            use_bf16 = torch.cuda.is_bf16_supported()
-        else:
-            use_bf16 = cpu_has_fast_bf16()
+        use_bf16 = torch.cuda.is_bf16_supported() if torch_device.type == "cuda" else cpu_has_fast_bf16()
     else:
         use_bf16 = precision == "bf16"
     layout = channels_last == "on" or (channels_last == "auto" and (torch_device.type == "cuda" or
                                                                    "avx512f" in cpu_flags() or use_bf16))
     return Runtime(torch_device, torch.bfloat16 if use_bf16 else None, layout)
+
+
+def model_input(batch: torch.Tensor, runtime: Runtime, prep: Preprocessing) -> torch.Tensor:
+    """uint8 NCHW batch -> normalised float on the device, in the run's memory layout."""
+    x = normalize_batch(batch.to(runtime.device, non_blocking=True), prep)
+    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x

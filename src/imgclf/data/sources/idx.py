@@ -16,8 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from imgclf.data.scan import DataError, Sample, ScanResult
+from imgclf.core.errors import DataError, ImageError
+from imgclf.data.sources.base import Reader, Sample, ScanResult, Source
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -131,12 +133,43 @@ def scan_idx(root: Path) -> ScanResult:
     for prefix, (images, _) in pairs.items():
         split = _split_of(prefix)
         for i, label in enumerate(label_arrays[prefix].tolist()):
-            samples.append(Sample(str(images), names[label], split, f"{images.name}", i))
-    return ScanResult(str(root), "idx", samples)
+            samples.append(Sample(str(images), names[label], split, images.name, str(i), IdxReader.kind))
+    return ScanResult(str(root), IdxSource.kind, samples)
 
 
-def idx_image(sample: Sample) -> np.ndarray:
-    return read_idx(sample.path)[sample.index]
+class IdxSource(Source):
+    kind = "idx"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return bool(find_idx_pairs(path))
+
+    @classmethod
+    def scan(cls, path: Path) -> ScanResult:
+        return scan_idx(path)
+
+
+class IdxReader(Reader):
+    """An image inside an IDX file: its bytes are its raw pixels (what the audit hashes), its
+    picture those pixels as greyscale. The file itself was validated when it was scanned."""
+
+    kind = "idx"
+    small_by_design = True  # MNIST-style data sets are 28 px by design
+
+    def _array(self, sample: Sample) -> np.ndarray:
+        try:
+            return read_idx(sample.path)[int(sample.member)]
+        except (DataError, IndexError, ValueError) as exc:
+            raise ImageError(sample.ref, f"cannot read IDX image ({exc})") from None
+
+    def read(self, sample: Sample) -> bytes:
+        return self._array(sample).tobytes()
+
+    def decode(self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int) \
+            -> tuple[Image.Image, tuple[int, int]]:
+        height, width = self._array(sample).shape
+        image = Image.frombytes("L", (width, height), data).convert("RGB")
+        return image, (width, height)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

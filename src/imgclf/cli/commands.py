@@ -1,0 +1,126 @@
+"""One handler per command: translate the arguments, call the library verb, show the result.
+Each returns the exit status (0 done, 1 nothing to do, 3 stopped and resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from dataclasses import dataclass
+
+from imgclf import api
+from imgclf.cli import render
+from imgclf.cli.parser import overrides
+from imgclf.core.events import Events, StopToken
+from imgclf.core.settings import Settings, load_settings
+from imgclf.data.audit import format_report
+from imgclf.data.images import is_image_name
+
+
+@dataclass
+class Context:
+    events: Events
+    stop: StopToken
+
+    def settings(self, args: argparse.Namespace) -> Settings:
+        return load_settings(getattr(args, "config", None), overrides(args, args.command))
+
+
+def check(args: argparse.Namespace, ctx: Context) -> int:
+    report = api.check(args.data, args.json_path, ctx.settings(args), events=ctx.events, stop=ctx.stop)
+    render.say(format_report(report))
+    return 0
+
+
+def train(args: argparse.Namespace, ctx: Context) -> int:
+    if args.resume:
+        result = api.train(None, args.resume, overrides(args, "train"), events=ctx.events, stop=ctx.stop,
+                           resume=True)
+    else:
+        result = api.train(args.data, args.out, ctx.settings(args), events=ctx.events, stop=ctx.stop)
+    return 0 if result.status == "finished" else 3
+
+
+def compare(args: argparse.Namespace, ctx: Context) -> int:
+    sizes = [int(n) for n in args.per_class_sizes.split(",") if n.strip()]
+    candidates = [m for m in args.models.split(",") if m.strip()]
+    api.compare(args.data, args.out, ctx.settings(args), candidates=candidates, per_class=sizes,
+                events=ctx.events, stop=ctx.stop)
+    return 0
+
+
+def evaluate(args: argparse.Namespace, ctx: Context) -> int:
+    api.evaluate(args.run_dir, args.out, ctx.settings(args), data=args.data, events=ctx.events, stop=ctx.stop)
+    return 0
+
+
+def embed(args: argparse.Namespace, ctx: Context) -> int:
+    api.embed(args.run_dir, args.out, ctx.settings(args), data=args.data, events=ctx.events, stop=ctx.stop)
+    return 0
+
+
+def similar(args: argparse.Namespace, ctx: Context) -> int:
+    for row in api.similar(args.run_dir, args.image, ctx.settings(args), k=args.k, events=ctx.events, stop=ctx.stop):
+        render.say(f"{row['similarity']:.4f}\t{row['label']}\t{row['path']}")
+    return 0
+
+
+def predict(args: argparse.Namespace, ctx: Context) -> int:
+    settings = ctx.settings(args)
+    files, missing = expand_inputs(args.inputs)
+    for item in missing:
+        render.error_line(f"{item}: no such file")
+    clf = api.load(args.run_dir, settings, events=ctx.events)
+    p = settings.predict
+    results = clf.predict_files(files, k=p.top_k, min_confidence=p.min_confidence or None, events=ctx.events,
+                                stop=ctx.stop)
+    render.predictions(results, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
+    return 0 if files else 1
+
+
+def export(args: argparse.Namespace, ctx: Context) -> int:
+    api.export(args.run_dir, args.out, ctx.settings(args), int8=args.int8, events=ctx.events, stop=ctx.stop)
+    return 0
+
+
+def datasets(args: argparse.Namespace, ctx: Context) -> int:
+    from imgclf.data.sources.idx import download  # the one command that uses the network
+
+    render.say(f"downloaded to {download(args.name, args.folder)}")
+    return 0
+
+
+def demo(args: argparse.Namespace, ctx: Context) -> int:
+    from imgclf.demo import run_demo  # the demo layer sits above the api, beside the faces
+
+    result = run_demo(args.data, args.out, events=ctx.events, stop=ctx.stop)
+    for path, predicted, true in result.examples:
+        render.say(f"  {path}: predicted {predicted} (true {true})")
+    if result.status != "finished":
+        return 3
+    metrics = result.metrics
+    render.say(f"\ntest top-1 {metrics.get('top1', float('nan')):.3f} on {metrics.get('n', 0)} images; "
+               f"report: {result.report}")
+    return 0
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files from files, folders (recursive, image names only) and globs; and inputs that matched nothing."""
+    files, missing = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
+        elif os.path.exists(item):
+            files.append(item)
+        else:
+            matched = sorted(glob.glob(item, recursive=True))
+            files += [m for m in matched if os.path.isfile(m)]
+            if not matched:
+                missing.append(item)
+    return files, missing
+
+
+HANDLERS = {"check": check, "train": train, "compare": compare, "evaluate": evaluate, "embed": embed,
+            "similar": similar, "predict": predict, "export": export, "datasets": datasets, "demo": demo}

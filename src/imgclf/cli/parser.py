@@ -1,0 +1,122 @@
+"""The command line's arguments. Setting flags are generated from the settings fields (name, type,
+default, help), so ``imgclf train --help`` shows every default and a setting is never declared
+twice; their values are checked by the settings, which name the setting and the allowed values."""
+
+from __future__ import annotations
+
+import argparse
+
+from imgclf.core.settings import section_fields
+
+SECTIONS_FOR = {
+    "check": ("data", "system"),
+    "train": ("data", "model", "train", "evaluate", "system"),
+    "compare": ("data", "model", "train", "evaluate", "system"),
+    "predict": ("predict", "system"),
+    "evaluate": ("system",),
+    "embed": ("system",),
+    "similar": ("system",),
+    "export": ("system",),
+}
+DATA_HELP = "folder of class folders, split folders, a CSV manifest or IDX files"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """One line, like every other error (argparse would add the whole usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
+    """One flag per setting; flags that are not given leave the setting to the config/defaults."""
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings")
+        for spec in section_fields(section):
+            if spec.name in skip:
+                continue
+            flag = "--" + spec.name.replace("_", "-")
+            choices = spec.metadata.get("choices")
+            allowed = f"one of {', '.join(choices)}; " if choices else ""
+            help_text = f"{spec.metadata['help']} ({allowed}default: {spec.default})"
+            if isinstance(spec.default, bool):
+                group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(flag, dest=spec.name, type=type(spec.default), default=argparse.SUPPRESS,
+                                   help=help_text, metavar=spec.name.upper())
+
+
+def overrides(args: argparse.Namespace, command: str) -> dict:
+    """The setting flags given on the command line, as flat overrides."""
+    names = {spec.name for section in SECTIONS_FOR[command] for spec in section_fields(section)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def _command(sub, name: str, help_text: str, **flags) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, **flags)
+    parser.add_argument("--events", metavar="FILE.jsonl",
+                        help="also write every event (progress, epochs, messages) as one JSON object per line")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="imgclf", description="Photos in folders -> a classifier you can trust.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = _command(sub, "check", "audit a data set: unreadable files, duplicates, leakage, class counts")
+    p.add_argument("data", help=DATA_HELP)
+    p.add_argument("--json", dest="json_path", help="also write the full report as JSON to this file")
+
+    p = _command(sub, "train", "train a classifier (audit, split, train, evaluate)")
+    p.add_argument("data", nargs="?", help=DATA_HELP)
+    p.add_argument("--out", default="runs/run", help="run folder to create (default: runs/run)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from where it stopped "
+                                                       "(only system settings may change)")
+    p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
+
+    p = _command(sub, "compare", "train several models on the same split and keep the best by validation")
+    p.add_argument("data", help=DATA_HELP)
+    p.add_argument("--models", required=True,
+                   help="comma-separated MODEL[:MODE] candidates, e.g. cnn3,cnn4,tf_efficientnet_lite0:head")
+    p.add_argument("--per-class", dest="per_class_sizes", default="",
+                   help="comma-separated photos-per-class sizes to train each candidate at (plots accuracy vs N)")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and the leaderboard")
+    p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
+
+    p = _command(sub, "evaluate", "evaluate a run on its test split (or on other labelled data)")
+    p.add_argument("run_dir")
+    p.add_argument("data", nargs="?", help="labelled data to evaluate on instead of the run's test split")
+    p.add_argument("--out", help="folder for metrics.json and the reports (default: the run folder)")
+
+    p = _command(sub, "embed", "embeddings for TensorBoard's projector, NumPy, and PCA/t-SNE maps")
+    p.add_argument("run_dir")
+    p.add_argument("data", nargs="?", help="labelled data to embed (default: the run's own images)")
+    p.add_argument("--out", required=True, help="folder for the embedding files")
+
+    p = _command(sub, "similar", "the training photos nearest to an image")
+    p.add_argument("run_dir")
+    p.add_argument("image")
+    p.add_argument("--k", type=int, default=8, help="how many neighbours (default: 8)")
+
+    p = _command(sub, "predict", "label image files with a trained model")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+
+    p = _command(sub, "export", "export a trained model to ONNX (checked against PyTorch)")
+    p.add_argument("run_dir")
+    p.add_argument("--int8", action="store_true", help="also write a static int8 model (calibrated, checked)")
+    p.add_argument("--out", help="folder for the exported bundle (default: RUN_DIR/onnx)")
+
+    p = _command(sub, "datasets", "get public data sets (needs a network)")
+    p.add_argument("action", choices=["download"])
+    p.add_argument("name", choices=["fashion-mnist", "mnist"])
+    p.add_argument("folder")
+
+    p = _command(sub, "demo", "the embedded default: scikit-learn digits, check -> train -> predict")
+    p.add_argument("--data", default="demo_data/digits", help="where to write the digit images")
+    p.add_argument("--out", default="runs/digits", help="run folder")
+
+    for name, sections in SECTIONS_FOR.items():
+        skip = ("model", "mode", "per_class") if name == "compare" else ()
+        _add_setting_flags(sub.choices[name], sections, skip)
+    return parser

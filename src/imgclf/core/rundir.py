@@ -1,0 +1,92 @@
+"""A run folder: every file name it holds, and atomic reads and writes of its JSON records.
+
+Nothing else in imgclf spells these names. ``run.json`` is the run's own record (data source,
+classes, preprocessing, head, status); ``settings.json`` the resolved settings; the rest are
+what training and evaluation produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from imgclf.core.atomic import atomic_write
+
+
+class RunDir:
+    SETTINGS = "settings.json"
+    RUN = "run.json"
+    AUDIT = "audit.json"
+    SPLIT = "split.csv"
+    HISTORY = "history.csv"
+    TENSORBOARD = "tensorboard"
+    CHECKPOINT = "checkpoint.safetensors"
+    WEIGHTS = "model.safetensors"
+    META = "model.json"
+    METRICS = "metrics.json"
+    REPORT_MD = "report.md"
+    REPORT_HTML = "report.html"
+    CONFUSION = "confusion.png"
+    CURVES = "curves.png"
+    RELIABILITY = "reliability.png"
+    ONNX = "onnx"
+    # what makes a self-contained copy of a finished run's model and its report
+    DELIVERABLES = (WEIGHTS, META, METRICS, REPORT_MD, REPORT_HTML, CONFUSION, CURVES, RELIABILITY)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def confusion_at(self, depth: int) -> Path:
+        return self.path / f"confusion_level{depth}.png"
+
+    def deliverables(self) -> list[Path]:
+        """The files of :attr:`DELIVERABLES` present here, with the per-level confusion pictures."""
+        present = [self.path / name for name in self.DELIVERABLES if (self.path / name).exists()]
+        return present + sorted(self.path.glob("confusion_level*.png"))
+
+    # JSON records -------------------------------------------------------------------------
+    def read_json(self, name: str, default: Any = None) -> Any:
+        path = self.path / name
+        if not path.exists():
+            return default
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        return path
+
+    def read_run(self) -> dict:
+        return self.read_json(self.RUN, {})
+
+    def update_run(self, **fields: Any) -> dict:
+        """Merge ``fields`` into run.json, atomically: a crash leaves the old record or the new one."""
+        run = self.read_run()
+        run.update(fields)
+        self.write_json(self.RUN, run)
+        return run
+
+    # state ----------------------------------------------------------------------------------
+    @property
+    def is_run(self) -> bool:
+        return (self.path / self.RUN).exists() and (self.path / self.SETTINGS).exists()
+
+    @property
+    def status(self) -> str:
+        """new (nothing here yet), running (or killed), stopped, finished or failed."""
+        return self.read_run().get("status", "new") if self.is_run else "new"
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / self.CHECKPOINT).exists()

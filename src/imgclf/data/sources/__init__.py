@@ -1,0 +1,65 @@
+"""The data sources, behind one registry: list the labelled samples of what the user has, and
+read any sample's bytes or picture whatever source it came from.
+
+To add a source: a :class:`~imgclf.data.sources.base.Source` subclass (``detect`` and ``scan``)
+in :data:`SOURCES`, and, when its samples are not plain files, a
+:class:`~imgclf.data.sources.base.Reader` in :data:`READERS`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from imgclf.core.errors import DataError
+from imgclf.data.images import DEFAULT_MAX_PIXELS
+from imgclf.data.sources.base import LEVEL_SEP, FileReader, Reader, Sample, ScanResult, Source
+from imgclf.data.sources.folders import FoldersSource, SplitFoldersSource
+from imgclf.data.sources.idx import IdxReader, IdxSource
+from imgclf.data.sources.manifest import CsvSource
+
+__all__ = ["LEVEL_SEP", "Sample", "ScanResult", "SOURCES", "READERS", "scan", "reader", "read_sample",
+           "decode_sample", "open_sample"]
+
+# Tried in this order: the most specific first (a folder of IDX files, split folders, class folders).
+SOURCES: tuple[type[Source], ...] = (CsvSource, IdxSource, SplitFoldersSource, FoldersSource)
+READERS: dict[str, Reader] = {r.kind: r for r in (FileReader(), IdxReader())}
+
+
+def scan(source: str | os.PathLike) -> ScanResult:
+    """Recognise the kind of data source and list its labelled images."""
+    root = Path(source)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    kind = next((s for s in SOURCES if s.detect(root)), None)
+    if kind is None:
+        raise DataError(f"{root}: expected a folder of class folders, a .csv manifest or IDX files")
+    result = kind.scan(root)
+    if not result.samples:
+        raise DataError(f"{root}: no labelled images found (expected class folders, a CSV or IDX files)")
+    return result
+
+
+def reader(sample: Sample) -> Reader:
+    try:
+        return READERS[sample.kind]
+    except KeyError:
+        raise DataError(f"{sample.ref}: no reader for samples of kind '{sample.kind}'") from None
+
+
+def read_sample(sample: Sample) -> bytes:
+    """The sample's bytes (what its content hash is of). Raises ImageError."""
+    return reader(sample).read(sample)
+
+
+def decode_sample(sample: Sample, data: bytes, draft_size: int | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """The RGB picture of bytes read from ``sample``, and its stored size. Raises ImageError."""
+    return reader(sample).decode(sample, data, draft_size, max_pixels)
+
+
+def open_sample(sample: Sample, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read and decode a sample to RGB in one call. Raises ImageError."""
+    return decode_sample(sample, read_sample(sample), draft_size, max_pixels)[0]

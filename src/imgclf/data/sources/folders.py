@@ -1,0 +1,98 @@
+"""Class folders (``root/<class>/*.jpg``; nested folders are hierarchical labels:
+``root/Men/Shoes/Sneakers/x.jpg`` is ``Men > Shoes > Sneakers``, leaf folders are the classes)
+and split folders (``root/{train,val|valid|validation,test}/<class>/``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imgclf.core.errors import DataError
+from imgclf.data.images import is_image_name
+from imgclf.data.sources.base import LEVEL_SEP, SPLIT_NAMES, Sample, ScanResult, Source
+
+
+def _walk_images(top: Path) -> tuple[list[Path], list[dict], int]:
+    """Every image-named file under ``top`` (following symlinks, never looping), sorted."""
+    found: list[Path] = []
+    skipped: list[dict] = []
+    ignored = 0
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        stat = os.stat(dirpath)
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen_dirs:  # a symlink loop or a second link to a folder already walked
+            skipped.append({"path": dirpath, "reason": "folder already visited (symlink loop)"})
+            dirnames[:] = []
+            continue
+        seen_dirs.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.startswith("."):
+                continue
+            if is_image_name(filename):
+                found.append(Path(dirpath) / filename)
+            else:
+                ignored += 1
+    return found, skipped, ignored
+
+
+def scan_class_folders(root: Path, split: str | None = None, rel_prefix: str = "") -> ScanResult:
+    """Folder per class; nested folders give hierarchical labels; leaf folders are the classes."""
+    files, skipped, ignored = _walk_images(root)
+    dirs_with_images = {Path(p).parent.relative_to(root) for p in files}
+    parents = {parent for d in dirs_with_images for parent in d.parents}
+    samples = []
+    for path in files:
+        relative_dir = path.parent.relative_to(root)
+        rel = (Path(rel_prefix) / path.relative_to(root)).as_posix()
+        if relative_dir == Path("."):
+            skipped.append({"path": str(path), "reason": "image outside any class folder"})
+        elif relative_dir in parents:
+            skipped.append({"path": str(path), "reason": "image in a folder that has class sub-folders"})
+        else:
+            samples.append(Sample(str(path), LEVEL_SEP.join(relative_dir.parts), split, rel))
+    return ScanResult(str(root), FoldersSource.kind, samples, skipped, ignored)
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``{split: folder}`` when ``root`` holds a train folder and at least one other split folder."""
+    found: dict[str, Path] = {}
+    for child in sorted(root.iterdir()):
+        name = SPLIT_NAMES.get(child.name.lower())
+        if child.is_dir() and name:
+            if name in found:
+                raise DataError(f"{root}: two folders for the {name} split ({found[name].name}, {child.name}); "
+                                f"rename or remove one")
+            found[name] = child
+    return found if "train" in found and len(found) >= 2 else {}
+
+
+class FoldersSource(Source):
+    kind = "folders"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_dir()
+
+    @classmethod
+    def scan(cls, path: Path) -> ScanResult:
+        return scan_class_folders(path)
+
+
+class SplitFoldersSource(Source):
+    kind = "split-folders"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_dir() and bool(split_folders(path))
+
+    @classmethod
+    def scan(cls, path: Path) -> ScanResult:
+        result = ScanResult(str(path), cls.kind, [])
+        for split, folder in split_folders(path).items():
+            part = scan_class_folders(folder, split, rel_prefix=folder.name)
+            result.samples += part.samples
+            result.skipped += part.skipped
+            result.ignored_files += part.ignored_files
+        return result
