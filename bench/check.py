@@ -3,6 +3,7 @@ unchanged folder (cache hits), side by side in one run with a fresh cache folder
 
     .venv/bin/python bench/check.py ../shared/datasets/clothing-small
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ def main(data: str) -> None:
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        report = imgclf.check(data, progress=False)
+        report = imgclf.check(data)
         times.append(time.perf_counter() - started)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"data: {data}: {report.n_files} files, {len(report.usable)} usable, {len(report.classes)} classes")

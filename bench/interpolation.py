@@ -5,6 +5,7 @@ validation and test splits with each filter at prediction, without retraining.
 
     .venv/bin/python bench/interpolation.py RUN_DIR      # needs RUN_DIR/onnx (imgclf export)
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,10 @@ def main(run_dir: str) -> None:
     samples = {name: [s for s in split if s.split == name] for name in ("val", "test")}
     data = [Path(s.path).read_bytes() for s in samples["test"]]
     photos = [decode_image_bytes(d, "photo", draft_size=clf.resize_size) for d in data]
-    print(f"{len(photos)} test photos, model input {clf.image_size} px from a {clf.resize_size} px short side; "
-          f"trained with {clf.interpolation}")
+    print(
+        f"{len(photos)} test photos, model input {clf.image_size} px from a {clf.resize_size} px short side; "
+        f"trained with {clf.interpolation}"
+    )
     decode = _best_ms_per_item(lambda d: decode_image_bytes(d, "photo", draft_size=clf.resize_size), data)
     print(f"decoding: {decode:.2f} ms per photo")
     print("| filter at prediction | resize ms per photo | validation top-1 | test top-1 |")
@@ -48,11 +51,16 @@ def main(run_dir: str) -> None:
     for name in FILTERS:
         resize = _best_ms_per_item(lambda im: eval_array(im, clf.image_size, clf.resize_size, name), photos)
         clf.interpolation = name
-        accuracy = {split: float(np.mean(clf.predict([s.path for s in group]) == np.array([s.label for s in group])))
-                    for split, group in samples.items()}
+        accuracy = {
+            split: float(np.mean(clf.predict([s.path for s in group]) == np.array([s.label for s in group])))
+            for split, group in samples.items()
+        }
         mark = " (as trained)" if name == trained else ""
-        print(f"| {name}{mark} | {resize:.2f} | {accuracy['val']:.1%} ({len(samples['val'])}) "
-              f"| {accuracy['test']:.1%} ({len(samples['test'])}) |", flush=True)
+        print(
+            f"| {name}{mark} | {resize:.2f} | {accuracy['val']:.1%} ({len(samples['val'])}) "
+            f"| {accuracy['test']:.1%} ({len(samples['test'])}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Transfer learning on a small product-photo set, side by side in one run:
 
-  (a) the retrain.py recipe: frozen EfficientNet-Lite0 features (fp32, centre crop) + scikit-learn
-      logistic regression -- the quality floor;
-  (b) imgclf --mode head (cold feature cache), then (b2) a second head run (MLP head, warm cache);
-  (c) imgclf --mode finetune;
-  (d) imgclf with its defaults;
-  and the training speed of (c) against a plain timm/PyTorch loop on the same model, image size and
-  batch (ImageFolder + timm transforms + DataLoader workers, bf16 autocast + channels_last, all layers).
+(a) the retrain.py recipe: frozen EfficientNet-Lite0 features (fp32, centre crop) + scikit-learn
+    logistic regression -- the quality floor;
+(b) imgclf --mode head (cold feature cache), then (b2) a second head run (MLP head, warm cache);
+(c) imgclf --mode finetune;
+(d) imgclf with its defaults;
+and the training speed of (c) against a plain timm/PyTorch loop on the same model, image size and
+batch (ImageFolder + timm transforms + DataLoader workers, bf16 autocast + channels_last, all layers).
 
-    .venv/bin/python bench/transfer.py ../shared/datasets/clothing-small [--skip-default]
+  .venv/bin/python bench/transfer.py ../shared/datasets/clothing-small [--skip-default]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,19 @@ IMGCLF = str(Path(sys.executable).with_name("imgclf"))
 def run_imgclf(data: str, out: Path, args: list[str], cache: str) -> dict:
     env = {**os.environ, "IMGCLF_CACHE_DIR": cache}
     started = time.perf_counter()
-    done = subprocess.run([IMGCLF, "train", data, "--out", str(out), *args], env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run([IMGCLF, "train", data, "--out", str(out), *args], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"imgclf {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     settings = json.loads((out / "settings.json").read_text())
-    return {"seconds": seconds, "top1": metrics["top1"], "top5": metrics["top5"], "mode": settings["train"]["mode"],
-            "out": str(out)}
+    return {
+        "seconds": seconds,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "mode": settings["train"]["mode"],
+        "out": str(out),
+    }
 
 
 def floor(data: str) -> dict:
@@ -46,7 +51,7 @@ def floor(data: str) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from imgclf.data.dataset import decode_all
-    from imgclf.data.scan import scan
+    from imgclf.data.sources import scan
     from imgclf.data.transforms import eval_tensor, normalize_batch
     from imgclf.models.factory import create_model, preprocessing_for
 
@@ -54,11 +59,11 @@ def floor(data: str) -> dict:
     samples = scan(data).samples
     model = create_model("tf_efficientnet_lite0", 10, pretrained=True).eval()
     prep = preprocessing_for(model, "tf_efficientnet_lite0", 224)
-    tensors, _ = decode_all(samples, lambda im: eval_tensor(im, prep), prep, "floor decode", False)
+    tensors, _ = decode_all(samples, lambda im: eval_tensor(im, prep), prep, "floor decode")
     features = []
     with torch.no_grad():
         for start in range(0, len(tensors), 32):
-            batch = normalize_batch(torch.stack(tensors[start:start + 32]), prep)
+            batch = normalize_batch(torch.stack(tensors[start : start + 32]), prep)
             features.append(model.forward_head(model.forward_features(batch), pre_logits=True))
     x = torch.cat(features).numpy()
     labels = np.array([s.label for s in samples])
@@ -76,11 +81,13 @@ def plain_timm_loop(data: str, steps: int = 12, warmup: int = 3, batch_size: int
     from imgclf.models.factory import create_model
 
     model = create_model("tf_efficientnet_lite0", 10, pretrained=True).to(memory_format=torch.channels_last)
-    transform = timm.data.create_transform(224, is_training=True, interpolation="bicubic", mean=(0.5,) * 3,
-                                           std=(0.5,) * 3)
+    transform = timm.data.create_transform(
+        224, is_training=True, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
     dataset = ImageFolder(str(Path(data) / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=2, drop_last=True,
-                                         persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     model.train()
@@ -111,8 +118,9 @@ def main() -> None:
     cache = str(work / "cache-head")
     results["b_head"] = run_imgclf(args.data, work / "head", ["--mode", "head"], cache)
     print(f"(b) head: {results['b_head']}", flush=True)
-    results["b2_head_mlp_warm"] = run_imgclf(args.data, work / "head2", ["--mode", "head", "--head-hidden", "512"],
-                                             cache)
+    results["b2_head_mlp_warm"] = run_imgclf(
+        args.data, work / "head2", ["--mode", "head", "--head-hidden", "512"], cache
+    )
     print(f"(b2) second head, warm cache: {results['b2_head_mlp_warm']}", flush=True)
     results["c_finetune"] = run_imgclf(args.data, work / "finetune", ["--mode", "finetune"], str(work / "cache-ft"))
     history = (work / "finetune" / "history.csv").read_text().strip().splitlines()

@@ -5,6 +5,7 @@
 clothing photos (read in place from ``../shared/datasets/clothing-small``, never copied into the repo)
 and takes well under a second.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,9 @@ PALETTE = ((200, 40, 40), (20, 120, 220), (0, 0, 0))  # index 2 is the transpare
 TRANSPARENT_INDEX = 2
 
 
-def clothing_photos(classes: Sequence[str] = ("hat", "shoes", "skirt"), per_class: int = 12,
-                    split: str = "train") -> dict[str, list[Path]]:
+def clothing_photos(
+    classes: Sequence[str] = ("hat", "shoes", "skirt"), per_class: int = 12, split: str = "train"
+) -> dict[str, list[Path]]:
     """The first ``per_class`` photos (sorted by name: always the same) of each class; skip if absent."""
     if not CLOTHING.is_dir():
         pytest.skip(f"real photos not found at {CLOTHING} (see ../shared/datasets/README.md)")
@@ -69,14 +71,15 @@ def some_photos(n: int = 3) -> list[Path]:
     return mixed[:n]
 
 
-def make_photo_folder(root: Path, photos: Mapping[str, Sequence[Path]] | Sequence[Path],
-                      classes: Sequence[str] = ("hat", "shoes")) -> dict[str, list[Path]]:
+def make_photo_folder(
+    root: Path, photos: Mapping[str, Sequence[Path]] | Sequence[Path], classes: Sequence[str] = ("hat", "shoes")
+) -> dict[str, list[Path]]:
     """Copy photos into ``root/<class>/``: from a ``{class: photos}`` mapping, or a list dealt
     in equal consecutive chunks over ``classes``. Returns ``{class: copied paths}``."""
     if not isinstance(photos, Mapping):
         photos = list(photos)
         size = -(-len(photos) // len(classes))
-        photos = {name: photos[i * size:(i + 1) * size] for i, name in enumerate(classes)}
+        photos = {name: photos[i * size : (i + 1) * size] for i, name in enumerate(classes)}
     copied: dict[str, list[Path]] = {}
     for name, files in photos.items():
         folder = Path(root) / name
@@ -104,8 +107,12 @@ def bomb_png(side: int = BOMB_SIDE) -> bytes:
     parts = [compressor.compress(block) for _ in range(side // 64)]
     parts += [compressor.compress(row * (side % 64)), compressor.flush()]
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(parts))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def sixteen_bit_gradient(width: int = 256, height: int = 40) -> np.ndarray:
@@ -117,9 +124,9 @@ def sixteen_bit_gradient(width: int = 256, height: int = 40) -> np.ndarray:
 def palette_alpha_image(size: int = 40) -> Image.Image:
     """P image: left half index 0, right half index 1, a centre square of the transparent index."""
     indices = np.zeros((size, size), np.uint8)
-    indices[:, size // 2:] = 1
+    indices[:, size // 2 :] = 1
     quarter = size // 4
-    indices[quarter:size - quarter, quarter:size - quarter] = TRANSPARENT_INDEX
+    indices[quarter : size - quarter, quarter : size - quarter] = TRANSPARENT_INDEX
     image = Image.frombytes("P", (size, size), indices.tobytes())
     image.putpalette([c for colour in PALETTE for c in colour])
     return image
@@ -162,7 +169,9 @@ def make_bad_folder(root: Path, photos: list[Path]) -> dict[str, str]:
 
     (root / "notes.jpg").write_text(
         "<!DOCTYPE html>\n<html><head><title>Not found</title></head>\n"
-        "<body><p>The photo you asked for was moved.</p></body></html>\n", encoding="utf-8")
+        "<body><p>The photo you asked for was moved.</p></body></html>\n",
+        encoding="utf-8",
+    )
 
     with Image.open(second) as image:
         image.convert("RGB").save(root / "png_named.jpg", "PNG")

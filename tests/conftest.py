@@ -1,4 +1,5 @@
 """Shared fixtures: the real photos in ../shared/datasets, and an isolated cache per test."""
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,15 @@ def digits_run(digits_dir, tmp_path_factory) -> Path:
     from imgclf.api import train
 
     out = tmp_path_factory.mktemp("digits-run") / "run"
-    overrides = {"model": "cnn3", "image_size": 24, "epochs": 4, "batch_size": 32, "lr": 3e-3,
-                 "augment": "none", "patience": 0}
+    overrides = {
+        "model": "cnn3",
+        "image_size": 24,
+        "epochs": 4,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "augment": "none",
+        "patience": 0,
+    }
     train(str(digits_dir), out, overrides)
     return out
 

@@ -1,4 +1,5 @@
 """Files we must not lose are replaced whole or not at all."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Model bundles load only from safetensors + model.json; anything else is refused clearly."""
+
 from __future__ import annotations
 
 import json
@@ -62,10 +63,13 @@ def test_only_a_pickle_named_model_pt_is_not_loaded(bundle_copy):
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("header", [
-    b"{not json at all",                                           # malformed header
-    json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode(),  # past the end
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"{not json at all",  # malformed header
+        json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode(),  # past the end
+    ],
+)
 def test_damaged_safetensors_are_refused(bundle_copy, header):
     (bundle_copy / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
     with pytest.raises(BundleError):

@@ -1,4 +1,5 @@
 """The command line on real data: check's counts, the demo's accuracy, IDX data end to end."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,27 @@ def test_train_on_idx_files_end_to_end(digits_dir, tmp_path):
     write_idx(folder / "t10k-images-idx3-ubyte", images[test_idx])
     write_idx(folder / "t10k-labels-idx1-ubyte", labels[test_idx])
     (folder / "classes.txt").write_text("\n".join(f"digit-{d}" for d in range(10)))
-    assert main(["train", str(folder), "--out", str(tmp_path / "run"), "--model", "cnn3", "--image-size", "28",
-                 "--epochs", "6", "--batch-size", "32", "--augment", "none"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(folder),
+                "--out",
+                str(tmp_path / "run"),
+                "--model",
+                "cnn3",
+                "--image-size",
+                "28",
+                "--epochs",
+                "6",
+                "--batch-size",
+                "32",
+                "--augment",
+                "none",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n"] == 120 and metrics["split"] == "test"
     assert metrics["top1"] > 0.6  # chance is 0.1

@@ -1,4 +1,5 @@
 """compare: same split and seed for every candidate; the best is chosen by validation, not test."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,27 @@ from tests.conftest import write_manifest
 def test_compare_writes_leaderboard_and_keeps_best_by_validation(digits_dir, tmp_path):
     manifest = write_manifest(digits_dir, tmp_path / "m.csv", per_class=60)
     out = tmp_path / "cmp"
-    assert main(["compare", str(manifest), "--models", "cnn1,cnn3", "--per-class", "10,30", "--out", str(out),
-                 "--image-size", "24", "--epochs", "4", "--augment", "none"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(manifest),
+                "--models",
+                "cnn1,cnn3",
+                "--per-class",
+                "10,30",
+                "--out",
+                str(out),
+                "--image-size",
+                "24",
+                "--epochs",
+                "4",
+                "--augment",
+                "none",
+            ]
+        )
+        == 0
+    )
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["rows"]
     assert {(r["candidate"], r["per_class"]) for r in rows} == {(c, n) for c in ("cnn1", "cnn3") for n in (10, 30)}

@@ -1,4 +1,5 @@
 """ONNX export is checked against PyTorch on real images before it counts."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ def test_export_refuses_a_model_that_disagrees_with_pytorch(digits_run, tmp_path
     import imgclf.export as export_module
 
     real = export_module._onnx_logits
-    monkeypatch.setattr(export_module, "_onnx_logits",
-                        lambda path, x, batch_size=32: real(path, x) + np.linspace(0, 1, 10, dtype=np.float32))
+    monkeypatch.setattr(
+        export_module,
+        "_onnx_logits",
+        lambda path, x, batch_size=32: real(path, x) + np.linspace(0, 1, 10, dtype=np.float32),
+    )
     with pytest.raises(export_module.ExportError, match="differs from PyTorch"):
         export_module.export(digits_run, tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.onnx").exists()

@@ -1,4 +1,5 @@
 """Prediction: scikit-learn manners in Python, thousands of files from the CLI, bad files reported."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ def test_predict_accepts_pil_images_and_arrays(digits_run, digits_dir):
     clf = imgclf.load(digits_run)
     path = sorted((digits_dir / "7").glob("*.png"))[0]
     image = Image.open(path)
-    by_path, by_image, by_array = clf.predict_proba([str(path)]), clf.predict_proba(image), \
-        clf.predict_proba([np.asarray(image.convert("RGB"))])
+    by_path, by_image, by_array = (
+        clf.predict_proba([str(path)]),
+        clf.predict_proba(image),
+        clf.predict_proba([np.asarray(image.convert("RGB"))]),
+    )
     assert np.allclose(by_path, by_image, atol=1e-6) and np.allclose(by_path, by_array, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """int8 quantization: the uint8 re-encoding is exact and lets ONNX Runtime run every quantized
 convolution with its int8 kernel."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 import torch
 
 from imgclf.export import _export_fp32
@@ -91,8 +91,9 @@ class Downsampling(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         strides = [2, 1, 2, 1, 2, 1, 2, 1, 2, 1]  # sides read: 64, 32, 32, 16, 16, 8, 8, 4, 4, 2
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, stride, 1)
-                                         for i, stride in enumerate(strides))
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, stride, 1) for i, stride in enumerate(strides)
+        )
         self.classifier = torch.nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The ONNX predictor works where PyTorch is not installed, and agrees with the PyTorch path."""
+
 from __future__ import annotations
 
 import json
@@ -77,10 +78,12 @@ def test_runtime_in_a_venv_without_torch(digits_run, digits_dir, exported, tmp_p
     subprocess.run(pip + ["--no-deps", str(REPO)], check=True, timeout=600, capture_output=True)
     subprocess.run(pip + ["onnxruntime", "pillow", "numpy", "tqdm"], check=True, timeout=600, capture_output=True)
     folder = digits_dir / "8"
-    script = ("import sys, json, glob; from imgclf.runtime import load_onnx; "
-              f"files = sorted(glob.glob({str(folder)!r} + '/*.png')); "
-              f"clf = load_onnx({str(exported)!r}); "
-              "print(json.dumps({'torch': 'torch' in sys.modules, 'labels': list(clf.predict(files)), 'files': files}))")
+    script = (
+        "import sys, json, glob; from imgclf.runtime import load_onnx; "
+        f"files = sorted(glob.glob({str(folder)!r} + '/*.png')); "
+        f"clf = load_onnx({str(exported)!r}); "
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'labels': list(clf.predict(files)), 'files': files}))"
+    )
     done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)

@@ -1,4 +1,5 @@
 """Every setting declared once; flags, config files and saved runs all go through it."""
+
 from __future__ import annotations
 
 import json

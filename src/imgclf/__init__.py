@@ -15,8 +15,20 @@ from __future__ import annotations
 
 from imgclf.core import __version__
 
-__all__ = ["check", "train", "evaluate", "load", "export", "compare", "embed", "similar", "Settings",
-           "StopToken", "ImgclfError", "__version__"]
+__all__ = [
+    "check",
+    "train",
+    "evaluate",
+    "load",
+    "export",
+    "compare",
+    "embed",
+    "similar",
+    "Settings",
+    "StopToken",
+    "ImgclfError",
+    "__version__",
+]
 
 from imgclf.core.errors import ImgclfError
 from imgclf.core.events import StopToken

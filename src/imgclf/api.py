@@ -37,8 +37,14 @@ __all__ = ["check", "train", "evaluate", "load", "export", "compare", "embed", "
 PathLike = str | os.PathLike
 
 
-def check(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
-          events: Events | None = None, stop: StopToken | None = None) -> AuditReport:
+def check(
+    source: PathLike,
+    out: PathLike | None = None,
+    settings: Settings | dict | None = None,
+    *,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> AuditReport:
     """Audit a data source: every image decoded once; problems, duplicates and counts reported.
     ``out``: a file to write the full report to as JSON."""
     settings = as_settings(settings)
@@ -48,49 +54,89 @@ def check(source: PathLike, out: PathLike | None = None, settings: Settings | di
     return report
 
 
-def train(source: PathLike | None, out: PathLike = "runs/run", settings: Settings | dict | None = None, *,
-          events: Events | None = None, stop: StopToken | None = None, resume: bool = False,
-          evaluate: bool = True) -> fit.TrainResult:
+def train(
+    source: PathLike | None,
+    out: PathLike = "runs/run",
+    settings: Settings | dict | None = None,
+    *,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+) -> fit.TrainResult:
     """Train a classifier on ``source`` into the run folder ``out``, then calibrate it on the
     validation split and report on the test split. ``resume=True`` continues the run in ``out``
     (``settings`` may then change only the system section)."""
     events, stop = channel(events), stop_token(stop)
-    result = fit.train(None if resume else str(source), str(out), settings, events=events, stop=stop,
-                       resume=resume)
+    result = fit.train(None if resume else str(source), str(out), settings, events=events, stop=stop, resume=resume)
     if result.status == "finished" and evaluate and is_main_process():
         resolved = from_dict(RunDir(out).read_json(RunDir.SETTINGS))  # what the run used, "auto"s decided
         result.metrics = evaluation.after_training(out, result.logits, resolved, events, stop)
     return result
 
 
-def evaluate(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
-             data: PathLike | None = None, events: Events | None = None, stop: StopToken | None = None) -> dict:
+def evaluate(
+    source: PathLike,
+    out: PathLike | None = None,
+    settings: Settings | dict | None = None,
+    *,
+    data: PathLike | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> dict:
     """Evaluate the run in ``source`` on its test split, or on other labelled ``data``; metrics.json,
     the pictures and the reports go to ``out`` (the run folder by default)."""
     return evaluation.evaluate(source, None if data is None else str(data), out, as_settings(settings), events, stop)
 
 
-def load(source: PathLike, settings: Settings | dict | None = None, *, backend: str | None = None,
-         int8: bool | None = None, events: Events | None = None) -> BasePredictor:
+def load(
+    source: PathLike,
+    settings: Settings | dict | None = None,
+    *,
+    backend: str | None = None,
+    int8: bool | None = None,
+    events: Events | None = None,
+) -> BasePredictor:
     """A predictor (``predict``, ``predict_proba``, ``classes_``, ``predict_files``) for a run
     folder, model bundle or ONNX export. ``backend`` and ``int8`` default to the predict settings."""
     settings = as_settings(settings)
     p, s = settings.predict, settings.system
-    return load_predictor(source, p.backend if backend is None else backend, int8=p.int8 if int8 is None else int8,
-                          batch_size=p.predict_batch_size, device=s.device, precision=s.precision,
-                          max_pixels=s.max_pixels, events=events)
+    return load_predictor(
+        source,
+        p.backend if backend is None else backend,
+        int8=p.int8 if int8 is None else int8,
+        batch_size=p.predict_batch_size,
+        device=s.device,
+        precision=s.precision,
+        max_pixels=s.max_pixels,
+        events=events,
+    )
 
 
-def export(source: PathLike, out: PathLike | None = None, settings: Settings | dict | None = None, *,
-           int8: bool = False, events: Events | None = None, stop: StopToken | None = None) -> dict:
+def export(
+    source: PathLike,
+    out: PathLike | None = None,
+    settings: Settings | dict | None = None,
+    *,
+    int8: bool = False,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> dict:
     """The run's model as ONNX (and int8 with ``int8=True``), checked against PyTorch, in ``out``
     (``RUN_DIR/onnx`` by default)."""
     return export_onnx(source, out, int8, as_settings(settings), events, stop)
 
 
-def compare(source: PathLike, out: PathLike = "runs/compare", settings: Settings | dict | None = None, *,
-            candidates: list[str], per_class: list[int] | None = None, events: Events | None = None,
-            stop: StopToken | None = None) -> Leaderboard:
+def compare(
+    source: PathLike,
+    out: PathLike = "runs/compare",
+    settings: Settings | dict | None = None,
+    *,
+    candidates: list[str],
+    per_class: list[int] | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> Leaderboard:
     """Train every candidate (``MODEL[:MODE]``, at every ``per_class`` size) on the same split and
     seed into ``out/<name>/``, rank them by validation top-1, keep the best in ``out/best``."""
     out, events, stop = Path(out), channel(events), stop_token(stop)
@@ -113,13 +159,24 @@ def compare(source: PathLike, out: PathLike = "runs/compare", settings: Settings
                 stop.check()
             rows.append(leaderboard_row(spec, size, run_dir, time.perf_counter() - started))
     board = write_leaderboard(rows, out, per_class)
-    info(events, f"best by validation top-1: {board.best['candidate']} (val {board.best['val_top1']:.3f}, test "
-                 f"{board.best['test_top1']:.3f}); its bundle is in {out / 'best'}", str(out / "best"))
+    info(
+        events,
+        f"best by validation top-1: {board.best['candidate']} (val {board.best['val_top1']:.3f}, test "
+        f"{board.best['test_top1']:.3f}); its bundle is in {out / 'best'}",
+        str(out / "best"),
+    )
     return board
 
 
-def embed(source: PathLike, out: PathLike, settings: Settings | dict | None = None, *, data: PathLike | None = None,
-          events: Events | None = None, stop: StopToken | None = None) -> Path:
+def embed(
+    source: PathLike,
+    out: PathLike,
+    settings: Settings | dict | None = None,
+    *,
+    data: PathLike | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> Path:
     """Embeddings of ``data`` (default: the run's own images) for TensorBoard's projector, as NumPy,
     and as PCA/t-SNE maps, in ``out``."""
     settings = as_settings(settings)
@@ -127,8 +184,15 @@ def embed(source: PathLike, out: PathLike, settings: Settings | dict | None = No
     return embedding.embed(clf, source, None if data is None else str(data), out, events, stop)
 
 
-def similar(source: PathLike, query: PathLike, settings: Settings | dict | None = None, *, k: int = 8,
-            events: Events | None = None, stop: StopToken | None = None) -> list[dict]:
+def similar(
+    source: PathLike,
+    query: PathLike,
+    settings: Settings | dict | None = None,
+    *,
+    k: int = 8,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> list[dict]:
     """The ``k`` training photos of the run in ``source`` nearest to the image ``query``."""
     settings = as_settings(settings)
     clf = evaluation.load_for_evaluation(Path(source), settings)

@@ -4,6 +4,7 @@ architecture, classes in order, hierarchy, preprocessing, settings, metrics, lib
 Loading never unpickles: weights are read only through safetensors, whose header is validated
 before any tensor is touched; anything else in the folder is refused, not tried.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -47,8 +48,12 @@ class Bundle:
 
 
 def library_versions() -> dict:
-    return {"imgclf": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__}
+    return {
+        "imgclf": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
 
 
 def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
@@ -56,9 +61,14 @@ def save_bundle(folder: str | Path, model: nn.Module, meta: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
-            "num_classes": len(meta["classes"]), "versions": library_versions(),
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "num_classes": len(meta["classes"]),
+        "versions": library_versions(),
+        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write(folder / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_meta(folder, meta)
 
@@ -72,8 +82,10 @@ def _check_safetensors_header(path: Path) -> None:
         raise BundleError(f"{path}: too short to be a safetensors file")
     header_len = int.from_bytes(head[:8], "little")
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size or head[8:9] != b"{":
-        raise BundleError(f"{path}: not a safetensors file (imgclf reads weights only as safetensors and "
-                          f"never unpickles; a pickle or zip file here is refused)")
+        raise BundleError(
+            f"{path}: not a safetensors file (imgclf reads weights only as safetensors and "
+            f"never unpickles; a pickle or zip file here is refused)"
+        )
 
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -97,8 +109,11 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
     meta = read_meta(folder)
     state = load_weights(folder)
     try:
-        model = create_model(meta["architecture"], len(meta["classes"]),
-                             drop_rate=float(meta.get("settings", {}).get("model", {}).get("drop_rate", 0.0)))
+        model = create_model(
+            meta["architecture"],
+            len(meta["classes"]),
+            drop_rate=float(meta.get("settings", {}).get("model", {}).get("drop_rate", 0.0)),
+        )
         install_saved_head(model, meta)
         model.load_state_dict(state, strict=True)
     except (ModelError, RuntimeError) as exc:

@@ -13,8 +13,15 @@ from imgclf.core.events import Events, StopToken, channel, info
 from imgclf.core.rundir import RunDir
 from imgclf.data.digits import write_digits
 
-DEMO_OVERRIDES = {"model": "cnn3", "image_size": 32, "epochs": 12, "batch_size": 32, "lr": 3e-3,
-                  "augment": "none", "patience": 0}
+DEMO_OVERRIDES = {
+    "model": "cnn3",
+    "image_size": 32,
+    "epochs": 12,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "augment": "none",
+    "patience": 0,
+}
 
 
 @dataclass
@@ -25,8 +32,13 @@ class DemoResult:
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (path, predicted, true)
 
 
-def run_demo(data_dir: str | Path = "demo_data/digits", out: str | Path = "runs/digits", *,
-             events: Events | None = None, stop: StopToken | None = None) -> DemoResult:
+def run_demo(
+    data_dir: str | Path = "demo_data/digits",
+    out: str | Path = "runs/digits",
+    *,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> DemoResult:
     events, run = channel(events), RunDir(out)
     data = write_digits(data_dir)
     info(events, f"wrote the scikit-learn digits to {data}", str(data))

@@ -1,5 +1,6 @@
 """The audit of a data set: problems with reasons, usable counts, small classes, exact duplicates
 (within a class, across labels, across splits), the per-file cache, and awkward file names."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,12 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 import badfiles  # noqa: E402
-
 import imgclf.data.audit as audit_module  # noqa: E402
+from imgclf.core.settings import DataSettings, SystemSettings  # noqa: E402
 from imgclf.data.audit import audit, format_report  # noqa: E402
-from imgclf.data.sources.idx import write_idx  # noqa: E402
 from imgclf.data.images import load_image  # noqa: E402
 from imgclf.data.sources import scan  # noqa: E402
-from imgclf.core.settings import DataSettings, SystemSettings  # noqa: E402
+from imgclf.data.sources.idx import write_idx  # noqa: E402
 
 PER_CLASS = 12
 
@@ -48,8 +48,9 @@ def dataset(tmp_path_factory, photos) -> dict:
     another hat photo (conflicting_labels).
     """
     root = tmp_path_factory.mktemp("audit") / "data"
-    copied = badfiles.make_photo_folder(root, {"hat": photos["hat"], "shoes": photos["shoes"],
-                                               "skirt": photos["skirt"][:4]})
+    copied = badfiles.make_photo_folder(
+        root, {"hat": photos["hat"], "shoes": photos["shoes"], "skirt": photos["skirt"][:4]}
+    )
     shutil.copyfile(copied["hat"][0], root / "hat" / "again.jpg")
     shutil.copyfile(copied["hat"][1], root / "shoes" / "also_a_hat.jpg")
     expected = badfiles.make_bad_folder(root / "mixed", photos["dress"][:3])
@@ -70,6 +71,7 @@ def of_kind(report, kind: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- problems, counts, small classes
+
 
 def test_every_bad_file_is_named_with_its_reason(report, dataset):
     problems = by_name(report.problems)
@@ -116,6 +118,7 @@ def test_min_side_setting(dataset):
 
 # ---------------------------------------------------------------- duplicates
 
+
 def test_duplicate_within_class(report, dataset):
     [dup] = of_kind(report, "within_class")
     assert sorted(Path(p).name for p in dup["paths"]) == sorted([dataset["copied"]["hat"][0].name, "again.jpg"])
@@ -124,8 +127,7 @@ def test_duplicate_within_class(report, dataset):
 
 def test_duplicate_with_conflicting_labels(report, dataset):
     [dup] = of_kind(report, "conflicting_labels")
-    assert sorted(Path(p).name for p in dup["paths"]) == sorted([dataset["copied"]["hat"][1].name,
-                                                                 "also_a_hat.jpg"])
+    assert sorted(Path(p).name for p in dup["paths"]) == sorted([dataset["copied"]["hat"][1].name, "also_a_hat.jpg"])
     assert dup["labels"] == ["hat", "shoes"]
 
 
@@ -159,6 +161,7 @@ def test_unreadable_files_are_not_duplicates_of_each_other(tmp_path, photos):
 
 # ---------------------------------------------------------------- the report
 
+
 def test_format_report_mentions_each_bad_file(report, dataset):
     text = format_report(report)
     for name, reason in dataset["bad"].items():
@@ -184,6 +187,7 @@ def test_json_report(report, tmp_path):
 
 # ---------------------------------------------------------------- the cache
 
+
 @pytest.fixture()
 def small_dataset(tmp_path, photos) -> Path:
     root = tmp_path / "data"
@@ -196,6 +200,7 @@ def small_dataset(tmp_path, photos) -> Path:
 def _forbid_checks(monkeypatch):
     def fail(sample, max_pixels):
         raise AssertionError(f"check_file called for {sample.path}: the cache was not used")
+
     monkeypatch.setattr(audit_module, "check_file", fail)
 
 
@@ -208,6 +213,7 @@ def _record_checks(monkeypatch) -> list[str]:
         with lock:
             calls.append(Path(sample.path).name)
         return real(sample, max_pixels)
+
     monkeypatch.setattr(audit_module, "check_file", record)
     return calls
 
@@ -269,8 +275,11 @@ def test_other_max_pixels_is_not_answered_from_the_cache(small_dataset, monkeypa
     calls = _record_checks(monkeypatch)
     report = audit(scan(small_dataset), DataSettings(), SystemSettings(max_pixels=1000))
     assert len(calls) == 10
-    assert all("too many pixels" in r for n, r in by_name(report.problems).items() if n.endswith(".jpg")
-               and n not in ("empty.jpg", "notes.jpg"))
+    assert all(
+        "too many pixels" in r
+        for n, r in by_name(report.problems).items()
+        if n.endswith(".jpg") and n not in ("empty.jpg", "notes.jpg")
+    )
 
 
 def test_corrupt_cache_is_ignored(small_dataset, cache_dir):
@@ -283,10 +292,13 @@ def test_corrupt_cache_is_ignored(small_dataset, cache_dir):
 
 # ---------------------------------------------------------------- names and links
 
+
 def test_unicode_and_spaces_in_names(tmp_path, photos):
     root = tmp_path / "données photo"
-    names = {"T-Shirt für Damen": ["photo 01 été.jpg", "帽子 2.jpg", "  spaced  .jpg"],
-             "robe d'été": ["naïve café.jpg", "Ölbild #3.jpg", "emoji 👗.jpg"]}
+    names = {
+        "T-Shirt für Damen": ["photo 01 été.jpg", "帽子 2.jpg", "  spaced  .jpg"],
+        "robe d'été": ["naïve café.jpg", "Ölbild #3.jpg", "emoji 👗.jpg"],
+    }
     sources = iter(photos["hat"][:3] + photos["dress"][:3])
     for label, files in names.items():
         (root / label).mkdir(parents=True)
@@ -296,7 +308,8 @@ def test_unicode_and_spaces_in_names(tmp_path, photos):
     scanned = scan(root)
     assert scanned.classes == sorted(names)
     assert sorted(Path(s.path).name for s in scanned.samples) == sorted(
-        [n for files in names.values() for n in files] + ["vide é.jpg"])
+        [n for files in names.values() for n in files] + ["vide é.jpg"]
+    )
     for sample in scanned.samples:
         if sample.path.endswith("vide é.jpg"):
             continue
@@ -317,6 +330,7 @@ def _run_with_timeout(function, seconds: float):
             result["value"] = function()
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             result["error"] = exc
+
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
@@ -352,6 +366,7 @@ def test_symlinked_class_folder_is_followed(tmp_path, photos):
 
 # ---------------------------------------------------------------- IDX, and one file that must not abort
 
+
 def _write_idx_folder(root: Path, n: int = 6) -> None:
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -378,8 +393,10 @@ def test_idx_images_usable_with_default_settings(tmp_path):
 def test_one_malformed_file_never_aborts_the_audit(tmp_path, photos):
     root = tmp_path / "data"
     badfiles.make_photo_folder(root, {"hat": photos["hat"][:3], "shoes": photos["shoes"][:3]})
-    bad_exif = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x1f\x00\x02\x00\x00\x00\x04cam\x00"
-                b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00")
+    bad_exif = (
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02\x01\x1f\x00\x02\x00\x00\x00\x04cam\x00"
+        b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    )
     Image.new("RGB", (64, 48), (90, 90, 90)).save(root / "hat" / "odd_exif.jpg", "JPEG", exif=bad_exif)
     report = audit(scan(root), DataSettings())
     assert report.classes["shoes"] == 3

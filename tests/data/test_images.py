@@ -1,5 +1,6 @@
 """The one image loader: bad files give an ImageError with the right reason, unusual but valid files
 decode to correct 8-bit RGB, and nothing but ImageError ever comes out of it."""
+
 from __future__ import annotations
 
 import io
@@ -19,9 +20,12 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 import badfiles  # noqa: E402
-
 from imgclf.data.images import (  # noqa: E402
-    ImageError, decode_image_bytes, is_image_name, load_image, to_rgb,
+    ImageError,
+    decode_image_bytes,
+    is_image_name,
+    load_image,
+    to_rgb,
 )
 
 
@@ -42,6 +46,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 # ---------------------------------------------------------------- the generator itself
 
+
 def test_bad_folder_is_complete_small_and_fast(tmp_path, photos):
     start = time.perf_counter()
     expected = badfiles.make_bad_folder(tmp_path / "mixed", photos)
@@ -55,8 +60,8 @@ def test_bad_folder_is_complete_small_and_fast(tmp_path, photos):
     assert struct.unpack(">II", header[16:24]) == (badfiles.BOMB_SIDE, badfiles.BOMB_SIDE)
     data = bomb.read_bytes()  # and its pixel data is complete: one chunk of IDAT, all rows there
     idat = data.index(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4: idat])[0]
-    inflater, total, stream = zlib.decompressobj(), 0, data[idat + 4: idat + 4 + length]
+    length = struct.unpack(">I", data[idat - 4 : idat])[0]
+    inflater, total, stream = zlib.decompressobj(), 0, data[idat + 4 : idat + 4 + length]
     while stream:
         total += len(inflater.decompress(stream, 1 << 24))
         stream = inflater.unconsumed_tail
@@ -73,6 +78,7 @@ def test_bad_folder_is_complete_small_and_fast(tmp_path, photos):
 
 
 # ---------------------------------------------------------------- bad files
+
 
 @pytest.mark.parametrize("name", sorted(badfiles.ERRORS))
 def test_bad_file_reason(bad, name):
@@ -123,14 +129,17 @@ def test_directory_and_missing_file(tmp_path):
         load_image(tmp_path / "nope.jpg")
 
 
-@pytest.mark.parametrize("head, reason", [
-    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "unsupported format (PDF)"),
-    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
-    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1" + bytes(64), "AVIF"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "PostScript/EPS"),
-    (b"SIMPLE  =                    T" + b" " * 50, "FITS"),
-    (b"<html><body>404</body></html>", "not an image"),
-])
+@pytest.mark.parametrize(
+    "head, reason",
+    [
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "unsupported format (PDF)"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1" + bytes(64), "AVIF"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "PostScript/EPS"),
+        (b"SIMPLE  =                    T" + b" " * 50, "FITS"),
+        (b"<html><body>404</body></html>", "not an image"),
+    ],
+)
 def test_formats_outside_allowlist(tmp_path, head, reason):
     path = tmp_path / "x.jpg"
     path.write_bytes(head)
@@ -149,6 +158,7 @@ def test_pillow_formats_outside_allowlist_are_refused(tmp_path, fmt):
 
 
 # ---------------------------------------------------------------- unusual but valid files
+
 
 @pytest.mark.parametrize("name", badfiles.VALID + ["tiny.png"])
 def test_valid_unusual_files_load_as_rgb(bad, name):
@@ -185,7 +195,7 @@ def test_palette_transparency_composited_on_white(bad):
     root, _ = bad
     loaded = np.asarray(load_image(root / "palette_alpha.png"))
     size = loaded.shape[0]
-    centre = loaded[size // 2 - 2: size // 2 + 2, size // 2 - 2: size // 2 + 2]
+    centre = loaded[size // 2 - 2 : size // 2 + 2, size // 2 - 2 : size // 2 + 2]
     assert np.all(centre == 255), "transparent pixels must become white, not the palette's black"
     assert loaded[1, 1].tolist() == list(badfiles.PALETTE[0])
     assert loaded[1, size - 2].tolist() == list(badfiles.PALETTE[1])
@@ -242,6 +252,7 @@ def test_tiny_image_loads(bad):
 
 # ---------------------------------------------------------------- draft mode
 
+
 @pytest.mark.parametrize("draft", [16, 32, 100])
 def test_draft_keeps_at_least_twice_the_size(photos, draft):
     full = load_image(photos[0])
@@ -275,6 +286,7 @@ def test_draft_is_deterministic(photos):
 
 
 # ---------------------------------------------------------------- to_rgb, mode by mode
+
 
 def _values(image: Image.Image) -> list[list[int]]:
     return np.asarray(to_rgb(image)).reshape(-1, 3).tolist()
@@ -327,8 +339,12 @@ def test_to_rgb_la():
 
 
 def test_to_rgb_cmyk():
-    for cmyk, rgb in [((0, 255, 255, 0), [255, 0, 0]), ((0, 0, 0, 255), [0, 0, 0]),
-                      ((0, 0, 0, 0), [255, 255, 255]), ((255, 0, 255, 0), [0, 255, 0])]:
+    for cmyk, rgb in [
+        ((0, 255, 255, 0), [255, 0, 0]),
+        ((0, 0, 0, 255), [0, 0, 0]),
+        ((0, 0, 0, 0), [255, 255, 255]),
+        ((255, 0, 255, 0), [0, 255, 0]),
+    ]:
         assert _values(Image.new("CMYK", (1, 1), cmyk)) == [rgb]
 
 
@@ -381,12 +397,15 @@ def test_to_rgb_rgb_is_untouched():
     assert to_rgb(image) is image
 
 
-@pytest.mark.parametrize("fmt, mode, array", [
-    ("TIFF", "I;16", np.array([[0, 32768, 65535]], np.uint16)),
-    ("TIFF", "F", np.array([[0.0, 0.5, 1.0]], np.float32)),
-    ("PNG", "LA", np.array([[[0, 255], [0, 0], [255, 255]]], np.uint8)),
-    ("WEBP", "RGBA", None),
-])
+@pytest.mark.parametrize(
+    "fmt, mode, array",
+    [
+        ("TIFF", "I;16", np.array([[0, 32768, 65535]], np.uint16)),
+        ("TIFF", "F", np.array([[0.0, 0.5, 1.0]], np.float32)),
+        ("PNG", "LA", np.array([[[0, 255], [0, 0], [255, 255]]], np.uint8)),
+        ("WEBP", "RGBA", None),
+    ],
+)
 def test_wide_and_alpha_files_round_trip(tmp_path, fmt, mode, array):
     """The same conversions hold for files, not only for in-memory images."""
     path = tmp_path / f"x.{fmt.lower()}"
@@ -410,8 +429,17 @@ def test_wide_and_alpha_files_round_trip(tmp_path, fmt, mode, array):
 
 # ---------------------------------------------------------------- never anything but ImageError
 
-_MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a", b"GIF87a",
-           b"II*\x00", b"MM\x00*", b"BM", b"RIFF\x20\x00\x00\x00WEBPVP8 "]
+_MAGICS = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"\xff\xd8\xff\xdb",
+    b"GIF89a",
+    b"GIF87a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM",
+    b"RIFF\x20\x00\x00\x00WEBPVP8 ",
+]
 
 
 def _encoded_samples() -> list[bytes]:
@@ -420,8 +448,16 @@ def _encoded_samples() -> list[bytes]:
     exif = Image.Exif()
     exif[0x0112] = 6
     out = []
-    for fmt, options in [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("GIF", {}),
-                         ("TIFF", {}), ("BMP", {}), ("WEBP", {}), ("JPEG", {"exif": exif.tobytes()})]:
+    for fmt, options in [
+        ("PNG", {}),
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("GIF", {}),
+        ("TIFF", {}),
+        ("BMP", {}),
+        ("WEBP", {}),
+        ("JPEG", {"exif": exif.tobytes()}),
+    ]:
         buffer = io.BytesIO()
         base.save(buffer, fmt, **options)
         out.append(buffer.getvalue())
@@ -461,10 +497,12 @@ def test_fuzz_mutated_real_files_only_raise_image_error():
 
 # EXIF with orientation 6 and a YPosition tag (a RATIONAL tag) stored as ASCII "cam": found by
 # fuzzing. Decoding is fine; ImageOps.exif_transpose then re-serialises the EXIF and raises TypeError.
-_BAD_EXIF = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02"
-             b"\x01\x1f\x00\x02\x00\x00\x00\x04cam\x00"
-             b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
-             b"\x00\x00\x00\x00")
+_BAD_EXIF = (
+    b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02"
+    b"\x01\x1f\x00\x02\x00\x00\x00\x04cam\x00"
+    b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
+    b"\x00\x00\x00\x00"
+)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
@@ -492,6 +530,7 @@ def test_tiff_with_wrong_tag_type_gives_image_error(tmp_path):
 
 
 # ---------------------------------------------------------------- odds and ends
+
 
 def test_idx_image_loads_as_rgb(tmp_path):
     from imgclf.data.sources import open_sample, scan

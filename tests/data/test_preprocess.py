@@ -1,4 +1,5 @@
 """The one preprocessing every path shares (imgclf.data.preprocess), on real photos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,11 @@ def test_resampling_only_the_crop_matches_resize_then_crop(clothing):
     photos = [load_image(p) for p in photos] + [load_image(photos[0]).transpose(Image.Transpose.ROTATE_90)]
     assert len({im.size for im in photos}) >= 3
     for image in photos:
-        for image_size, resize_size, interpolation in ((224, 256, "bicubic"), (64, 73, "bilinear"), (200, 200, "bicubic")):
+        for image_size, resize_size, interpolation in (
+            (224, 256, "bicubic"),
+            (64, 73, "bilinear"),
+            (200, 200, "bicubic"),
+        ):
             fast = eval_array(image, image_size, resize_size, interpolation)
             resized = resize_short_side(image, resize_size, interpolation)
             slow = to_chw(resized.crop(center_crop_box(*resized.size, image_size)))

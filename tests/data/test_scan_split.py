@@ -1,5 +1,6 @@
 """Finding labelled images (class folders, nested folders, split folders, CSV, IDX) and the
 deterministic, stable train/val/test split. Scanning only looks at names: the files are stubs."""
+
 from __future__ import annotations
 
 import gzip
@@ -10,13 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.data.sources.idx import (
-    FASHION_MNIST_CLASSES, find_idx_pairs, read_idx, scan_idx, write_idx,
-)
 from imgclf.core.errors import DataError
 from imgclf.data.sources import LEVEL_SEP, Sample, open_sample, scan
+from imgclf.data.sources.idx import (
+    FASHION_MNIST_CLASSES,
+    find_idx_pairs,
+    read_idx,
+    scan_idx,
+    write_idx,
+)
 from imgclf.data.split import (
-    SPLITS, assign_splits, hash_fraction, read_split_csv, write_split_csv,
+    SPLITS,
+    assign_splits,
+    hash_fraction,
+    read_split_csv,
+    write_split_csv,
 )
 
 
@@ -32,6 +41,7 @@ def labels_of(result) -> dict[str, str]:
 
 # ---------------------------------------------------------------- class folders
 
+
 def test_nested_folders_give_hierarchical_labels(tmp_path):
     touch(tmp_path / "Men" / "Shoes" / "Sneakers" / "x.jpg")
     touch(tmp_path / "Men" / "Shoes" / "Boots" / "y.png")
@@ -39,8 +49,12 @@ def test_nested_folders_give_hierarchical_labels(tmp_path):
     touch(tmp_path / "Kids" / "k.JPG")
     result = scan(tmp_path)
     assert result.kind == "folders"
-    assert labels_of(result) == {"x.jpg": "Men > Shoes > Sneakers", "y.png": "Men > Shoes > Boots",
-                                 "z.webp": "Women > Dresses", "k.JPG": "Kids"}
+    assert labels_of(result) == {
+        "x.jpg": "Men > Shoes > Sneakers",
+        "y.png": "Men > Shoes > Boots",
+        "z.webp": "Women > Dresses",
+        "k.JPG": "Kids",
+    }
     assert result.classes == ["Kids", "Men > Shoes > Boots", "Men > Shoes > Sneakers", "Women > Dresses"]
     sneaker = next(s for s in result.samples if s.path.endswith("x.jpg"))
     assert sneaker.rel == "Men/Shoes/Sneakers/x.jpg" and sneaker.split is None and sneaker.member == ""
@@ -83,6 +97,7 @@ def test_samples_are_sorted_and_scan_is_repeatable(tmp_path):
 
 # ---------------------------------------------------------------- split folders
 
+
 def test_split_folders_are_honoured(tmp_path):
     for split in ("train", "valid", "test"):
         for label in ("cat", "dog"):
@@ -91,17 +106,23 @@ def test_split_folders_are_honoured(tmp_path):
     assert result.kind == "split-folders"
     assert result.classes == ["cat", "dog"]
     splits = {Path(s.path).name: s.split for s in result.samples}
-    assert splits == {f"{split}_{label}.jpg": {"train": "train", "valid": "val", "test": "test"}[split]
-                      for split in ("train", "valid", "test") for label in ("cat", "dog")}
+    assert splits == {
+        f"{split}_{label}.jpg": {"train": "train", "valid": "val", "test": "test"}[split]
+        for split in ("train", "valid", "test")
+        for label in ("cat", "dog")
+    }
     rels = sorted(s.rel for s in result.samples if s.split == "val")
     assert rels == ["valid/cat/valid_cat.jpg", "valid/dog/valid_dog.jpg"]
 
 
-@pytest.mark.parametrize("names, expected", [
-    (("Train", "Validation", "Test"), {"train", "val", "test"}),
-    (("training", "val"), {"train", "val"}),
-    (("train", "testing"), {"train", "test"}),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (("Train", "Validation", "Test"), {"train", "val", "test"}),
+        (("training", "val"), {"train", "val"}),
+        (("train", "testing"), {"train", "test"}),
+    ],
+)
 def test_split_folder_names(tmp_path, names, expected):
     for name in names:
         touch(tmp_path / name / "shirt" / "a.jpg")
@@ -133,6 +154,7 @@ def test_a_class_named_test_without_train_is_a_class(tmp_path):
 
 # ---------------------------------------------------------------- CSV manifest
 
+
 def test_csv_manifest(tmp_path, monkeypatch):
     base = tmp_path / "shop"
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"):
@@ -146,13 +168,19 @@ def test_csv_manifest(tmp_path, monkeypatch):
         "imgs/d.jpg,Women > Dresses,\n"
         "imgs/e.jpg,Women > Dresses,holdout\n"
         "imgs/f.jpg,,train\n"
-        "\n", encoding="utf-8")
+        "\n",
+        encoding="utf-8",
+    )
     monkeypatch.chdir(tmp_path)  # paths are relative to the CSV, not to the working folder
     result = scan(manifest)
     assert result.kind == "csv"
     got = {s.rel: (s.label, s.split) for s in result.samples}
-    assert got == {"imgs/a.jpg": ("Men > Shoes", "train"), "imgs/b.jpg": ("Men > Shoes", "val"),
-                   "imgs/c.jpg": ("Women > Dresses", "test"), "imgs/d.jpg": ("Women > Dresses", None)}
+    assert got == {
+        "imgs/a.jpg": ("Men > Shoes", "train"),
+        "imgs/b.jpg": ("Men > Shoes", "val"),
+        "imgs/c.jpg": ("Women > Dresses", "test"),
+        "imgs/d.jpg": ("Women > Dresses", None),
+    }
     for sample in result.samples:
         assert Path(sample.path) == base / sample.rel and Path(sample.path).exists()
     reasons = {s["path"]: s["reason"] for s in result.skipped}
@@ -190,12 +218,14 @@ def test_scan_errors(tmp_path):
 
 # ---------------------------------------------------------------- IDX
 
+
 def _idx_folder(root: Path, classes: list[str] | None = ("Top", "Trouser", "Pullover")) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    arrays = {"train": (rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
-                        np.array([0, 1, 2, 2, 1, 0, 0], np.uint8)),
-              "t10k": (rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.array([2, 1, 0, 1], np.uint8))}
+    arrays = {
+        "train": (rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), np.array([0, 1, 2, 2, 1, 0, 0], np.uint8)),
+        "t10k": (rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.array([2, 1, 0, 1], np.uint8)),
+    }
     write_idx(root / "train-images-idx3-ubyte.gz", arrays["train"][0])  # gzip
     write_idx(root / "train-labels-idx1-ubyte.gz", arrays["train"][1])
     write_idx(root / "t10k-images-idx3-ubyte", arrays["t10k"][0])  # raw
@@ -260,14 +290,17 @@ def _header(dtype: int, dims: tuple[int, ...]) -> bytes:
     return bytes([0, 0, dtype, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
 
 
-@pytest.mark.parametrize("name, data, message", [
-    ("magic", b"\x01\x02\x08\x03" + bytes(100), "bad magic number"),
-    ("dtype", b"\x00\x00\x42\x01" + bytes(12), "bad magic number"),
-    ("short", b"\x00\x00", "bad magic number"),
-    ("header", _header(0x08, (10, 28, 28))[:9], "header is truncated"),
-    ("data", _header(0x08, (10, 28, 28)) + bytes(28 * 28 * 9), "header says 7840"),
-    ("extra", _header(0x08, (2,)) + bytes(3), "header says 2"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("magic", b"\x01\x02\x08\x03" + bytes(100), "bad magic number"),
+        ("dtype", b"\x00\x00\x42\x01" + bytes(12), "bad magic number"),
+        ("short", b"\x00\x00", "bad magic number"),
+        ("header", _header(0x08, (10, 28, 28))[:9], "header is truncated"),
+        ("data", _header(0x08, (10, 28, 28)) + bytes(28 * 28 * 9), "header says 7840"),
+        ("extra", _header(0x08, (2,)) + bytes(3), "header says 2"),
+    ],
+)
 def test_read_idx_rejects_corrupt_files(tmp_path, name, data, message):
     path = tmp_path / f"{name}-images-idx3-ubyte"
     path.write_bytes(data)
@@ -297,10 +330,14 @@ def test_scan_of_corrupt_idx_folder_is_a_data_error(tmp_path):
 
 # ---------------------------------------------------------------- split
 
+
 def fake_samples(classes: dict[str, int], start: int = 0) -> list[Sample]:
     """Made-up samples (no files): ``n`` per class, named ``<class>/img_<i>.jpg``."""
-    return [Sample(f"/data/{label}/img_{i:05d}.jpg", label, None, f"{label}/img_{i:05d}.jpg")
-            for label, n in classes.items() for i in range(start, start + n)]
+    return [
+        Sample(f"/data/{label}/img_{i:05d}.jpg", label, None, f"{label}/img_{i:05d}.jpg")
+        for label, n in classes.items()
+        for i in range(start, start + n)
+    ]
 
 
 def split_map(samples: list[Sample]) -> dict[str, str]:
@@ -351,14 +388,18 @@ def test_classes_under_three_images_are_left_to_the_hash():
     for label in ("p", "q", "r", "s"):
         samples = fake_samples({label: 2})
         result = assign_splits(samples)
-        assert [s.split for s in result] == [s.split for s in assign_splits(samples[:1])] + \
-            [s.split for s in assign_splits(samples[1:])]
+        assert [s.split for s in result] == [s.split for s in assign_splits(samples[:1])] + [
+            s.split for s in assign_splits(samples[1:])
+        ]
 
 
 def test_adding_samples_never_moves_existing_ones():
     old = assign_splits(fake_samples(BIG))
-    added = fake_samples(BIG) + fake_samples({"shirt": 60, "shoes": 40, "hat": 30}, start=1000) \
+    added = (
+        fake_samples(BIG)
+        + fake_samples({"shirt": 60, "shoes": 40, "hat": 30}, start=1000)
         + fake_samples({"new class": 50})
+    )
     new = split_map(assign_splits(added))
     assert {rel: split for rel, split in split_map(old).items() if new[rel] != split} == {}
 
@@ -379,8 +420,11 @@ def test_nohash_variants_stay_together():
     assert hash_fraction("cls/photo_nohash_1.jpg") == hash_fraction("cls/photo_nohash_2.jpg")
     assert hash_fraction("cls/photo_1.jpg") != hash_fraction("cls/photo_2.jpg")
     samples = fake_samples(BIG)
-    samples += [Sample(f"/d/shirt/p{k}_nohash_{v}.jpg", "shirt", None, f"shirt/p{k}_nohash_{v}.jpg")
-                for k in range(40) for v in range(3)]
+    samples += [
+        Sample(f"/d/shirt/p{k}_nohash_{v}.jpg", "shirt", None, f"shirt/p{k}_nohash_{v}.jpg")
+        for k in range(40)
+        for v in range(3)
+    ]
     groups = defaultdict(set)
     for sample in assign_splits(samples):
         if "_nohash_" in sample.rel:
@@ -396,15 +440,15 @@ def test_hash_fraction_range_and_spread():
 
 
 def test_given_splits_are_kept():
-    samples = [Sample(s.path, s.label, ("train", "val", "test")[i % 3], s.rel)
-               for i, s in enumerate(fake_samples(BIG))]
+    samples = [Sample(s.path, s.label, ("train", "val", "test")[i % 3], s.rel) for i, s in enumerate(fake_samples(BIG))]
     assert assign_splits(samples) == samples
 
 
 def test_missing_splits_are_carved_out_of_train_only():
     """Like IDX: train and test given, val carved from train; given test images never move."""
-    samples = [Sample(s.path, s.label, "test" if i % 5 == 0 else "train", s.rel)
-               for i, s in enumerate(fake_samples(BIG))]
+    samples = [
+        Sample(s.path, s.label, "test" if i % 5 == 0 else "train", s.rel) for i, s in enumerate(fake_samples(BIG))
+    ]
     result = assign_splits(samples)
     given = split_map(samples)
     for sample in result:
@@ -428,8 +472,9 @@ def test_split_csv_round_trip(tmp_path):
     samples.append(Sample("/d/images-idx3-ubyte", "x", "test", "", "7", "idx"))
     write_split_csv(samples, tmp_path / "split.csv")
     back = read_split_csv(tmp_path / "split.csv")
-    assert [(s.path, s.label, s.split, s.member, s.kind) for s in back] == \
-           [(s.path, s.label, s.split, s.member, s.kind) for s in samples]
+    assert [(s.path, s.label, s.split, s.member, s.kind) for s in back] == [
+        (s.path, s.label, s.split, s.member, s.kind) for s in samples
+    ]
 
 
 def test_split_csv_of_earlier_versions_is_read(tmp_path):

@@ -1,13 +1,13 @@
 """Calibration: temperature scaling recovers a known temperature and never hurts ECE on data like
 what it was fitted on; the threshold reaches its target precision on a constructed case."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from imgclf.core.numeric import softmax
-from imgclf.evaluation.calibration import (fit_temperature, precision_at, reliability,
-                                           threshold_for_precision)
+from imgclf.evaluation.calibration import fit_temperature, precision_at, reliability, threshold_for_precision
 
 
 def _sample(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
 """Embeddings in TensorBoard's projector format, 2-D maps, and nearest training photos."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Tests for imgclf.evaluation.metrics: hand-computed answers plus a seeded sklearn cross-check."""
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,7 @@ def test_seeded_random_case_matches_sklearn():
     assert m["top1"] == pytest.approx(accuracy_score(targets, preds))
     assert m["top5"] == pytest.approx(top_k_accuracy_score(targets, probs, k=5, labels=labels))
     assert m["confusion"]["matrix"] == confusion_matrix(targets, preds, labels=labels).tolist()
-    prec, rec, f1, sup = precision_recall_fscore_support(targets, preds, labels=labels,
-                                                         zero_division=0)
+    prec, rec, f1, sup = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
     for i, name in enumerate(classes):
         got = m["per_class"][name]
         assert got["precision"] == pytest.approx(prec[i])
@@ -174,8 +174,7 @@ def test_levels_with_labels_of_different_depths():
 
 
 def test_custom_separator():
-    m = compute_metrics(np.array([[0.9, 0.1]]), np.array([1]), ["a/x", "a/y"], ["p"],
-                        separator="/")
+    m = compute_metrics(np.array([[0.9, 0.1]]), np.array([1]), ["a/x", "a/y"], ["p"], separator="/")
     assert [lv["accuracy"] for lv in m["levels"]] == [1.0, 0.0]
 
 

@@ -1,4 +1,5 @@
 """Tests for imgclf.evaluation.plots: the PNGs are real, readable and sized sensibly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,7 @@ def test_large_confusion_is_reduced_to_sub_block(tmp_path):
 
 def test_plot_history_with_missing_and_nan_values(tmp_path):
     history = [
-        {"epoch": 1, "train_loss": 2.0, "val_loss": float("nan"), "train_acc": 0.3,
-         "val_top1": float("nan")},
+        {"epoch": 1, "train_loss": 2.0, "val_loss": float("nan"), "train_acc": 0.3, "val_top1": float("nan")},
         {"epoch": 2, "train_loss": 1.5, "val_loss": 1.6, "train_acc": 0.5, "val_top1": 0.45},
         {"epoch": 3, "train_loss": 1.1, "train_acc": 0.6},  # val missing entirely
         {"epoch": 4, "train_loss": 0.9, "val_loss": 1.2, "train_acc": 0.7, "val_top1": None},

@@ -1,4 +1,5 @@
 """report.html agrees with metrics.json, is self-contained, and model.json carries the calibration."""
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,9 @@ def test_report_html_agrees_with_metrics_json(run_dir):
     for card, mistake in zip(parsed.cards, metrics["mistakes"]):
         assert f"true: {mistake['true']}" in " ".join(card.split())
     confused = parsed.tables["confused"][1:]
-    assert [(r[0], r[1], int(r[2])) for r in confused] == [(c["true"], c["predicted"], c["count"])
-                                                           for c in metrics["most_confused"]]
+    assert [(r[0], r[1], int(r[2])) for r in confused] == [
+        (c["true"], c["predicted"], c["count"]) for c in metrics["most_confused"]
+    ]
 
 
 def test_report_html_is_self_contained(run_dir):

@@ -1,4 +1,5 @@
 """Contract tests over every model name imgclf offers: ours and a timm one behave alike."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Offline ImageNet weights: they are real ImageNet weights, and nothing else tries the network."""
+
 from __future__ import annotations
 
 import socket
@@ -18,6 +19,7 @@ CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, E
 @pytest.fixture()
 def no_network(monkeypatch):
     """Any attempt to open a connection fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("tried to use the network")
 

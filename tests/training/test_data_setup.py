@@ -1,13 +1,13 @@
 """Data that cannot train a classifier is refused before any time is spent, with the reason."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
-from imgclf.core.errors import DataError
 from imgclf.api import train
-from imgclf.core.errors import TrainError
+from imgclf.core.errors import DataError, TrainError
 
 
 def _class(digits_dir, target, label, n):

@@ -1,4 +1,5 @@
 """A killed or stopped run resumes to exactly the weights of an uninterrupted run (same seed)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,24 @@ from safetensors.torch import load_file
 from tests.conftest import write_manifest
 
 # small but not instant: about 10 epochs of a few hundred real images, so a kill lands mid-run
-ARGS = ["--model", "cnn3", "--image-size", "24", "--epochs", "10", "--batch-size", "16", "--threads", "1",
-        "--patience", "0", "--augment", "strong", "--seed", "3"]
+ARGS = [
+    "--model",
+    "cnn3",
+    "--image-size",
+    "24",
+    "--epochs",
+    "10",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--patience",
+    "0",
+    "--augment",
+    "strong",
+    "--seed",
+    "3",
+]
 
 
 def _train_cmd(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
@@ -75,7 +92,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(manifest, reference_r
     assert "resuming at epoch" in resumed.stderr
     _assert_same_weights(reference_run / "model.safetensors", out / "model.safetensors")
     _assert_same_weights(reference_run / "checkpoint.safetensors", out / "checkpoint.safetensors")
-    assert (out / "history.csv").read_text() .count("\n") == (reference_run / "history.csv").read_text().count("\n")
+    assert (out / "history.csv").read_text().count("\n") == (reference_run / "history.csv").read_text().count("\n")
 
 
 @pytest.mark.slow
@@ -97,8 +114,9 @@ def test_sigterm_stops_after_a_step_with_checkpoint_and_resumes_exactly(manifest
 def test_stop_mid_epoch_by_step_limit_resumes_exactly(manifest, reference_run, tmp_path):
     """max_steps stops inside an epoch (step 13 of 25): the checkpoint carries the epoch's position."""
     out = tmp_path / "limited"
-    first = subprocess.run(_train_cmd(manifest, out, ["--max-steps", "38"]), capture_output=True, text=True,
-                           timeout=300)
+    first = subprocess.run(
+        _train_cmd(manifest, out, ["--max-steps", "38"]), capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 3, first.stderr[-2000:]
     from imgclf.training.checkpoint import load_checkpoint
 
@@ -126,8 +144,15 @@ def test_non_finite_loss_stops_the_run_and_keeps_no_bad_model(manifest, tmp_path
     from imgclf.core.errors import TrainError
 
     out = tmp_path / "nan"
-    overrides = {"model": "cnn1", "image_size": 16, "epochs": 3, "lr": 1e20, "threads": 1,
-                 "precision": "fp32", "warmup_epochs": 0}
+    overrides = {
+        "model": "cnn1",
+        "image_size": 16,
+        "epochs": 3,
+        "lr": 1e20,
+        "threads": 1,
+        "precision": "fp32",
+        "warmup_epochs": 0,
+    }
     with pytest.raises(TrainError, match="loss became"):
         train(str(manifest), out, overrides)
     assert json.loads((out / "run.json").read_text())["status"] == "failed"

@@ -1,5 +1,6 @@
 """End-to-end training on real photos: bad files skipped, hierarchy scored per level, and a
 small CNN that clearly beats the majority class on clothing-small."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,19 @@ from imgclf.api import train
 from imgclf.core.events import Message
 from tests.badfiles import make_bad_folder
 
-RUN_FILES = ("settings.json", "history.csv", "checkpoint.safetensors", "model.safetensors", "model.json",
-             "metrics.json", "report.md", "confusion.png", "curves.png", "split.csv", "audit.json")
+RUN_FILES = (
+    "settings.json",
+    "history.csv",
+    "checkpoint.safetensors",
+    "model.safetensors",
+    "model.json",
+    "metrics.json",
+    "report.md",
+    "confusion.png",
+    "curves.png",
+    "split.csv",
+    "audit.json",
+)
 
 
 def _copy_class(clothing: Path, label: str, target: Path, n: int) -> list[Path]:
@@ -32,8 +44,12 @@ def test_train_skips_every_bad_file_and_finishes(clothing, tmp_path):
         _copy_class(clothing, label, data / label, 30)
     expected = make_bad_folder(data / "hat", sorted((clothing / "train" / "hat").glob("*.jpg"))[30:36])
     events = []
-    result = train(str(data), tmp_path / "run", {"model": "cnn1", "image_size": 32, "epochs": 2,
-                                                 "batch_size": 16}, events=events.append)
+    result = train(
+        str(data),
+        tmp_path / "run",
+        {"model": "cnn1", "image_size": 32, "epochs": 2, "batch_size": 16},
+        events=events.append,
+    )
     assert result.status == "finished"
     named = {Path(e.path).name for e in events if isinstance(e, Message) and e.text.startswith("skipped ")}
     audit = json.loads((tmp_path / "run" / "audit.json").read_text())
@@ -50,14 +66,17 @@ def test_train_skips_every_bad_file_and_finishes(clothing, tmp_path):
 
 @pytest.mark.slow
 def test_nested_folders_give_hierarchical_labels_and_per_level_accuracy(clothing, tmp_path):
-    tree = {"Tops > Shirts > t-shirt": "t-shirt", "Tops > Shirts > longsleeve": "longsleeve",
-            "Tops > Outer > outwear": "outwear", "Bottoms > Legs > pants": "pants",
-            "Bottoms > Legs > shorts": "shorts"}
+    tree = {
+        "Tops > Shirts > t-shirt": "t-shirt",
+        "Tops > Shirts > longsleeve": "longsleeve",
+        "Tops > Outer > outwear": "outwear",
+        "Bottoms > Legs > pants": "pants",
+        "Bottoms > Legs > shorts": "shorts",
+    }
     data = tmp_path / "nested"
     for label, source in tree.items():
         _copy_class(clothing, source, data.joinpath(*label.split(" > ")), 40)
-    result = train(str(data), tmp_path / "run", {"model": "cnn1", "image_size": 32, "epochs": 3,
-                                                 "batch_size": 16})
+    result = train(str(data), tmp_path / "run", {"model": "cnn1", "image_size": 32, "epochs": 3, "batch_size": 16})
     metrics = result.metrics
     assert sorted(metrics["per_class"]) == sorted(tree)
     depths = [level["depth"] for level in metrics["levels"]]

@@ -1,4 +1,5 @@
 """Transfer learning from the offline ImageNet weights: head on cached features, and finetune."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import imgclf
-from imgclf.models.pretrained import lite_weights_file
 from imgclf.api import train
 from imgclf.core.events import Message
+from imgclf.models.pretrained import lite_weights_file
 
 CLASSES = ("hat", "pants", "shoes", "skirt")
 
@@ -51,8 +52,9 @@ def test_head_mode_beats_chance_and_reuses_cached_features(small_photos, tmp_pat
 @pytest.mark.slow
 def test_finetune_trains_later_layers_and_keeps_early_ones_frozen(small_photos, tmp_path):
     out = tmp_path / "ft"
-    result = train(str(small_photos), out, {"mode": "finetune", "image_size": 96, "finetune_epochs": 1,
-                                            "batch_size": 16})
+    result = train(
+        str(small_photos), out, {"mode": "finetune", "image_size": 96, "finetune_epochs": 1, "batch_size": 16}
+    )
     assert result.status == "finished" and result.metrics["top1"] >= 0.6
     weights = load_file(str(out / "model.safetensors"))
     imagenet = torch.load(lite_weights_file("tf_efficientnet_lite0"), weights_only=True)

@@ -30,7 +30,7 @@ class _StopOnSignal:
         self.events(Message("warning", f"{name} received: stopping after this step (send it again to quit at once)"))
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
-    def __enter__(self) -> "_StopOnSignal":
+    def __enter__(self) -> _StopOnSignal:
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -34,8 +34,7 @@ def check(args: argparse.Namespace, ctx: Context) -> int:
 
 def train(args: argparse.Namespace, ctx: Context) -> int:
     if args.resume:
-        result = api.train(None, args.resume, overrides(args, "train"), events=ctx.events, stop=ctx.stop,
-                           resume=True)
+        result = api.train(None, args.resume, overrides(args, "train"), events=ctx.events, stop=ctx.stop, resume=True)
     else:
         result = api.train(args.data, args.out, ctx.settings(args), events=ctx.events, stop=ctx.stop)
     return 0 if result.status == "finished" else 3
@@ -44,8 +43,15 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
 def compare(args: argparse.Namespace, ctx: Context) -> int:
     sizes = [int(n) for n in args.per_class_sizes.split(",") if n.strip()]
     candidates = [m for m in args.models.split(",") if m.strip()]
-    api.compare(args.data, args.out, ctx.settings(args), candidates=candidates, per_class=sizes,
-                events=ctx.events, stop=ctx.stop)
+    api.compare(
+        args.data,
+        args.out,
+        ctx.settings(args),
+        candidates=candidates,
+        per_class=sizes,
+        events=ctx.events,
+        stop=ctx.stop,
+    )
     return 0
 
 
@@ -72,8 +78,9 @@ def predict(args: argparse.Namespace, ctx: Context) -> int:
         render.error_line(f"{item}: no such file")
     clf = api.load(args.run_dir, settings, events=ctx.events)
     p = settings.predict
-    results = clf.predict_files(files, k=p.top_k, min_confidence=p.min_confidence or None, events=ctx.events,
-                                stop=ctx.stop)
+    results = clf.predict_files(
+        files, k=p.top_k, min_confidence=p.min_confidence or None, events=ctx.events, stop=ctx.stop
+    )
     render.predictions(results, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
     return 0 if files else 1
 
@@ -99,8 +106,9 @@ def demo(args: argparse.Namespace, ctx: Context) -> int:
     if result.status != "finished":
         return 3
     metrics = result.metrics
-    render.say(f"\ntest top-1 {metrics.get('top1', float('nan')):.3f} on {metrics.get('n', 0)} images; "
-               f"report: {result.report}")
+    render.say(
+        f"\ntest top-1 {metrics.get('top1', float('nan')):.3f} on {metrics.get('n', 0)} images; report: {result.report}"
+    )
     return 0
 
 
@@ -122,5 +130,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
-HANDLERS = {"check": check, "train": train, "compare": compare, "evaluate": evaluate, "embed": embed,
-            "similar": similar, "predict": predict, "export": export, "datasets": datasets, "demo": demo}
+HANDLERS = {
+    "check": check,
+    "train": train,
+    "compare": compare,
+    "evaluate": evaluate,
+    "embed": embed,
+    "similar": similar,
+    "predict": predict,
+    "export": export,
+    "datasets": datasets,
+    "demo": demo,
+}

@@ -39,11 +39,22 @@ def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             allowed = f"one of {', '.join(choices)}; " if choices else ""
             help_text = f"{spec.metadata['help']} ({allowed}default: {spec.default})"
             if isinstance(spec.default, bool):
-                group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(
+                    flag,
+                    dest=spec.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             else:
-                group.add_argument(flag, dest=spec.name, type=type(spec.default), default=argparse.SUPPRESS,
-                                   help=help_text, metavar=spec.name.upper())
+                group.add_argument(
+                    flag,
+                    dest=spec.name,
+                    type=type(spec.default),
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                    metavar=spec.name.upper(),
+                )
 
 
 def overrides(args: argparse.Namespace, command: str) -> dict:
@@ -54,8 +65,11 @@ def overrides(args: argparse.Namespace, command: str) -> dict:
 
 def _command(sub, name: str, help_text: str, **flags) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, **flags)
-    parser.add_argument("--events", metavar="FILE.jsonl",
-                        help="also write every event (progress, epochs, messages) as one JSON object per line")
+    parser.add_argument(
+        "--events",
+        metavar="FILE.jsonl",
+        help="also write every event (progress, epochs, messages) as one JSON object per line",
+    )
     return parser
 
 
@@ -70,16 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "train", "train a classifier (audit, split, train, evaluate)")
     p.add_argument("data", nargs="?", help=DATA_HELP)
     p.add_argument("--out", default="runs/run", help="run folder to create (default: runs/run)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from where it stopped "
-                                                       "(only system settings may change)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from where it stopped (only system settings may change)",
+    )
     p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
 
     p = _command(sub, "compare", "train several models on the same split and keep the best by validation")
     p.add_argument("data", help=DATA_HELP)
-    p.add_argument("--models", required=True,
-                   help="comma-separated MODEL[:MODE] candidates, e.g. cnn3,cnn4,tf_efficientnet_lite0:head")
-    p.add_argument("--per-class", dest="per_class_sizes", default="",
-                   help="comma-separated photos-per-class sizes to train each candidate at (plots accuracy vs N)")
+    p.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated MODEL[:MODE] candidates, e.g. cnn3,cnn4,tf_efficientnet_lite0:head",
+    )
+    p.add_argument(
+        "--per-class",
+        dest="per_class_sizes",
+        default="",
+        help="comma-separated photos-per-class sizes to train each candidate at (plots accuracy vs N)",
+    )
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the leaderboard")
     p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
 

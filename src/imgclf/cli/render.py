@@ -29,10 +29,12 @@ def format_eta(seconds: float) -> str:
 
 def epoch_line(event: EpochEnd) -> str:
     row = event.row
-    return (f"epoch {row['epoch']}/{event.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f} | "
-            f"{row['images_per_s']:.0f} img/s, {row['seconds']:.0f}s{' *best' if event.best else ''} | "
-            f"ETA {format_eta(event.eta_s)}")
+    return (
+        f"epoch {row['epoch']}/{event.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+        f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.3f} top5 {row['val_top5']:.3f} | "
+        f"{row['images_per_s']:.0f} img/s, {row['seconds']:.0f}s{' *best' if event.best else ''} | "
+        f"ETA {format_eta(event.eta_s)}"
+    )
 
 
 class Terminal:
@@ -69,19 +71,28 @@ class Terminal:
             self._close()
             self._stage, self._said = event.stage, time.monotonic()
             if self.bars:
-                self._bar = tqdm(total=event.total, desc=self._desc(event), unit=event.unit, file=self.stream,
-                                 leave=False, dynamic_ncols=True)
+                self._bar = tqdm(
+                    total=event.total,
+                    desc=self._desc(event),
+                    unit=event.unit,
+                    file=self.stream,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
         if self._bar is not None:
             self._bar.set_description(self._desc(event), refresh=False)
             if event.detail.get("loss") is not None:
                 self._bar.set_postfix(loss=f"{event.detail['loss']:.3f}", refresh=False)
             self._bar.update(event.done - self._bar.n)
-        elif event.stage not in QUIET_STAGES and ((event.done >= event.total and event.elapsed_s >= 1.0)
-                                                  or time.monotonic() - self._said > SLOW_LINE_S):
+        elif event.stage not in QUIET_STAGES and (
+            (event.done >= event.total and event.elapsed_s >= 1.0) or time.monotonic() - self._said > SLOW_LINE_S
+        ):
             self._said = time.monotonic()
-            self._line(f"{self._desc(event)}: {event.done}/{event.total} {event.unit} in {event.elapsed_s:.1f} s "
-                       f"({event.rate:.0f} {event.unit}/s)"
-                       + (f", ETA {format_eta(event.eta_s)}" if event.done < event.total else ""))
+            self._line(
+                f"{self._desc(event)}: {event.done}/{event.total} {event.unit} in {event.elapsed_s:.1f} s "
+                f"({event.rate:.0f} {event.unit}/s)"
+                + (f", ETA {format_eta(event.eta_s)}" if event.done < event.total else "")
+            )
         if event.done >= event.total:
             self._close()
 
@@ -112,8 +123,11 @@ def predictions(results: Iterable[FilePrediction], fmt: str, k: int, decided: bo
     bad = 0
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     if writer:
-        writer.writerow(["path", "error"] + (["label"] if decided else [])
-                        + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
+        writer.writerow(
+            ["path", "error"]
+            + (["label"] if decided else [])
+            + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")]
+        )
     if fmt == "json":
         sys.stdout.write("[")
     for n, pred in enumerate(results):

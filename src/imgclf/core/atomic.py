@@ -1,5 +1,6 @@
 """Writing files that must never be seen half-written (checkpoints, bundles, caches), without
 PyTorch so that torch-free modules can use it too."""
+
 from __future__ import annotations
 
 import os

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from imgclf.core.errors import Stopped
 
@@ -65,7 +65,7 @@ class Message:
     path: str = ""
 
 
-Event = Union[Progress, EpochEnd, Message]
+Event = Progress | EpochEnd | Message
 Events = Callable[[Event], None]
 EVENT_NAMES = {Progress: "progress", EpochEnd: "epoch_end", Message: "message"}
 

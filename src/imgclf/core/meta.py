@@ -33,11 +33,17 @@ def read_meta(folder: str | Path) -> dict:
     if missing:
         raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
     if not isinstance(meta["format_version"], int) or meta["format_version"] > FORMAT_VERSION:
-        raise BundleError(f"{path}: made by a newer imgclf (bundle format {meta['format_version']}, "
-                          f"this one reads up to {FORMAT_VERSION}); upgrade imgclf")
+        raise BundleError(
+            f"{path}: made by a newer imgclf (bundle format {meta['format_version']}, "
+            f"this one reads up to {FORMAT_VERSION}); upgrade imgclf"
+        )
     classes = meta["classes"]
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes) \
-            or len(set(classes)) != len(classes):
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise BundleError(f"{path}: 'classes' must list at least 2 distinct class names")
     try:
         Preprocessing.from_dict(meta["preprocessing"])

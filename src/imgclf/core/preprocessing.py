@@ -26,7 +26,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         """Read and validate a stored record; raises ValueError naming the field at fault."""
         if not isinstance(data, dict):
             raise ValueError("preprocessing is not an object")
@@ -34,15 +34,21 @@ class Preprocessing:
         if missing:
             raise ValueError(f"preprocessing lacks {', '.join(missing)}")
         try:
-            prep = cls(int(data["image_size"]), tuple(float(v) for v in data["mean"]),
-                       tuple(float(v) for v in data["std"]), str(data["interpolation"]), float(data["crop_pct"]))
+            prep = cls(
+                int(data["image_size"]),
+                tuple(float(v) for v in data["mean"]),
+                tuple(float(v) for v in data["std"]),
+                str(data["interpolation"]),
+                float(data["crop_pct"]),
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"preprocessing has a value of the wrong type ({exc})") from None
         if prep.image_size < 1 or len(prep.mean) != 3 or len(prep.std) != 3 or min(prep.std) <= 0:
             raise ValueError("preprocessing needs a positive image_size and 3 means and 3 positive stds")
         if prep.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"preprocessing interpolation '{prep.interpolation}' is not one of "
-                             f"{', '.join(INTERPOLATIONS)}")
+            raise ValueError(
+                f"preprocessing interpolation '{prep.interpolation}' is not one of {', '.join(INTERPOLATIONS)}"
+            )
         if not 0 < prep.crop_pct <= 1:
             raise ValueError(f"preprocessing crop_pct {prep.crop_pct} is not in (0, 1]")
         return prep

@@ -5,6 +5,7 @@ sections so that each one can be a flat command-line flag (``--image-size``), as
 Ultralytics' ``default.yaml`` keys are. Precedence: defaults < config file < command line.
 The resolved tree is written with every run (``settings.json``) and every model bundle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,15 +35,20 @@ class DataSettings:
 
 @dataclass
 class ModelSettings:
-    model: str = setting("tf_efficientnet_lite0",
-                         "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture")
+    model: str = setting(
+        "tf_efficientnet_lite0", "model name: one of ours (cnn1, cnn3, cnn4, alexnet_bn) or any timm architecture"
+    )
     image_size: int = setting(0, "side of the square model input in pixels (0: the model's own, 64 for ours)")
-    interpolation: str = setting("bilinear", "resampling filter from photo to model input; bilinear: as accurate "
-                                 "as bicubic on clothing-small, 0.5 ms less per photo; auto: the pretrained "
-                                 "config's",
-                                 choices=("auto", "bilinear", "bicubic"))
-    pretrained: str = setting("auto", "start from pretrained weights; auto: when the model has weights at hand",
-                              choices=("auto", "on", "off"))
+    interpolation: str = setting(
+        "bilinear",
+        "resampling filter from photo to model input; bilinear: as accurate "
+        "as bicubic on clothing-small, 0.5 ms less per photo; auto: the pretrained "
+        "config's",
+        choices=("auto", "bilinear", "bicubic"),
+    )
+    pretrained: str = setting(
+        "auto", "start from pretrained weights; auto: when the model has weights at hand", choices=("auto", "on", "off")
+    )
     head_hidden: int = setting(0, "classifier head for transfer: 0 linear, N an MLP with N hidden units")
     weights: str = setting("", "pretrained weights from this .safetensors file instead of the built-in ones")
     download: bool = setting(False, "allow downloading pretrained weights from the internet (timm's hub)")
@@ -51,17 +57,26 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings:
-    mode: str = setting("auto", "head: train a head on cached frozen features; finetune: head, then all "
-                        "layers; full: all layers from the start; auto: chosen from model, data and hardware",
-                        choices=("auto", "head", "finetune", "full"))
+    mode: str = setting(
+        "auto",
+        "head: train a head on cached frozen features; finetune: head, then all "
+        "layers; full: all layers from the start; auto: chosen from model, data and hardware",
+        choices=("auto", "head", "finetune", "full"),
+    )
     epochs: int = setting(30, "maximum number of passes over the training images")
     finetune_epochs: int = setting(4, "epochs of training all layers after the head, in finetune mode")
     backbone_lr_scale: float = setting(0.1, "learning rate of pretrained layers relative to the head's (finetune)")
-    freeze_stride: int = setting(8, "finetune: keep frozen the early layers up to this output stride "
-                                 "(0: train all; 8 skips most of the compute at full resolution)")
+    freeze_stride: int = setting(
+        8,
+        "finetune: keep frozen the early layers up to this output stride "
+        "(0: train all; 8 skips most of the compute at full resolution)",
+    )
     distortions: int = setting(0, "augmented views per training image added to the cached features (head)")
-    class_weights: str = setting("auto", "weight the loss by inverse class frequency; auto: when the "
-                                 "imbalance ratio is 3 or more", choices=("auto", "on", "off"))
+    class_weights: str = setting(
+        "auto",
+        "weight the loss by inverse class frequency; auto: when the imbalance ratio is 3 or more",
+        choices=("auto", "on", "off"),
+    )
     batch_size: int = setting(64, "images per optimisation step")
     lr: float = setting(2e-3, "peak learning rate of AdamW")
     weight_decay: float = setting(0.05, "AdamW weight decay")
@@ -75,20 +90,27 @@ class TrainSettings:
 
 @dataclass
 class EvaluateSettings:
-    target_precision: float = setting(0.95, "precision the recommended confidence threshold aims for "
-                                      "(chosen on the validation split)")
+    target_precision: float = setting(
+        0.95, "precision the recommended confidence threshold aims for (chosen on the validation split)"
+    )
 
 
 @dataclass
 class PredictSettings:
     top_k: int = setting(5, "how many labels to return per image")
-    min_confidence: str = setting("", "below this top probability the label is 'unknown': a number, "
-                                  "or auto for the bundle's recommended threshold")
-    predict_batch_size: int = setting(32, "images per forward pass when predicting, evaluating, exporting and "
-                                      "extracting features")
-    backend: str = setting("auto", "torch; onnx (ONNX Runtime on the folder written by imgclf export); openvino "
-                           "(the same export); auto: the export's measured best on this CPU, else torch",
-                           choices=("auto", "torch", "onnx", "openvino"))
+    min_confidence: str = setting(
+        "",
+        "below this top probability the label is 'unknown': a number, or auto for the bundle's recommended threshold",
+    )
+    predict_batch_size: int = setting(
+        32, "images per forward pass when predicting, evaluating, exporting and extracting features"
+    )
+    backend: str = setting(
+        "auto",
+        "torch; onnx (ONNX Runtime on the folder written by imgclf export); openvino "
+        "(the same export); auto: the export's measured best on this CPU, else torch",
+        choices=("auto", "torch", "onnx", "openvino"),
+    )
     int8: bool = setting(False, "run the int8 model written by imgclf export --int8 (on ONNX Runtime)")
     format: str = setting("table", "output format", choices=("table", "json", "csv"))
 
@@ -99,15 +121,18 @@ class SystemSettings:
     may change, and that train, predict, export and the service all read."""
 
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = setting("auto", "number format: auto picks bf16 where the CPU/GPU supports it",
-                             choices=("auto", "fp32", "bf16"))
+    precision: str = setting(
+        "auto", "number format: auto picks bf16 where the CPU/GPU supports it", choices=("auto", "fp32", "bf16")
+    )
     channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
     threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
     workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)")
-    cache: str = setting("auto", "keep decoded images in memory: auto does so when they fit",
-                         choices=("auto", "ram", "none"))
-    max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs "
-                              "(in check, train, evaluate and predict)")
+    cache: str = setting(
+        "auto", "keep decoded images in memory: auto does so when they fit", choices=("auto", "ram", "none")
+    )
+    max_pixels: int = setting(
+        89_478_485, "images with more pixels are refused as decompression bombs (in check, train, evaluate and predict)"
+    )
 
 
 @dataclass
@@ -121,7 +146,6 @@ class Settings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
 
 
 SECTIONS = {f.name: f.type for f in fields(Settings)}
@@ -220,8 +244,7 @@ def from_dict(data: dict) -> Settings:
     """Rebuild settings saved by :meth:`Settings.to_dict`, tolerating keys added in later versions
     and keys that moved section (read by name: names are unique across sections)."""
     names = _all_names()
-    known = {k: v for section in data.values() if isinstance(section, dict) for k, v in section.items()
-             if k in names}
+    known = {k: v for section in data.values() if isinstance(section, dict) for k, v in section.items() if k in names}
     return apply_overrides(Settings(), known)
 
 
@@ -252,8 +275,11 @@ def resume_overrides(saved: Settings, overrides: dict) -> tuple[Settings, list[s
     names = _all_names()
     flat = flat_overrides(overrides)
     system = {k: v for k, v in flat.items() if names.get(k) == SYSTEM}
-    ignored = [k for k, v in flat.items() if k not in system and getattr(getattr(saved, names.get(k, SYSTEM)),
-                                                                        k, object()) != v]
+    ignored = [
+        k
+        for k, v in flat.items()
+        if k not in system and getattr(getattr(saved, names.get(k, SYSTEM)), k, object()) != v
+    ]
     unknown = [k for k in ignored if k not in names]
     if unknown:
         apply_overrides(saved, {unknown[0]: flat[unknown[0]]})  # the "did you mean" error

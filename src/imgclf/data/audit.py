@@ -4,6 +4,7 @@ Results per file are cached on (path, size, mtime), so checking an unchanged fol
 stats the files. Duplicates are exact (content hash): inside a class, across classes (conflicting
 labels) and across splits (leakage).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,9 +68,15 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         return {
-            "source": self.source, "n_files": self.n_files, "n_usable": len(self.usable),
-            "classes": self.classes, "splits": self.splits, "imbalance_ratio": self.imbalance_ratio,
-            "small_classes": self.small_classes, "problems": self.problems, "duplicates": self.duplicates,
+            "source": self.source,
+            "n_files": self.n_files,
+            "n_usable": len(self.usable),
+            "classes": self.classes,
+            "splits": self.splits,
+            "imbalance_ratio": self.imbalance_ratio,
+            "small_classes": self.small_classes,
+            "problems": self.problems,
+            "duplicates": self.duplicates,
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -100,8 +107,14 @@ def _file_key(sample: Sample, max_pixels: int) -> str | None:
     return None if stamp is None else f"{stamp}|{max_pixels}"
 
 
-def check_files(samples: list[Sample], settings: DataSettings, source: str, max_pixels: int,
-                events: Events | None = None, stop: StopToken | None = None) -> list[FileCheck]:
+def check_files(
+    samples: list[Sample],
+    settings: DataSettings,
+    source: str,
+    max_pixels: int,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> list[FileCheck]:
     """Check every sample, reusing cached results for files that have not changed. A stop keeps
     what was checked so far in the cache, then raises Stopped."""
     events, stop = channel(events), stop_token(stop)
@@ -120,8 +133,9 @@ def check_files(samples: list[Sample], settings: DataSettings, source: str, max_
         tracker = Tracker(events, "check", len(todo))
         try:
             with ThreadPoolExecutor(max_workers=settings.audit_workers or os.cpu_count() or 1) as pool:
-                for i, result in zip(todo, pool.map(lambda j: None if stop.is_set() else
-                                                    check_file(samples[j], max_pixels), todo)):
+                for i, result in zip(
+                    todo, pool.map(lambda j: None if stop.is_set() else check_file(samples[j], max_pixels), todo)
+                ):
                     if result is None:
                         break
                     results[i] = result
@@ -134,8 +148,9 @@ def check_files(samples: list[Sample], settings: DataSettings, source: str, max_
     return results  # type: ignore[return-value]
 
 
-def content_hashes(samples: list[Sample], settings: DataSettings, source: str, max_pixels: int,
-                   stop: StopToken | None = None) -> list[str]:
+def content_hashes(
+    samples: list[Sample], settings: DataSettings, source: str, max_pixels: int, stop: StopToken | None = None
+) -> list[str]:
     """SHA-1 of each sample's bytes, from the audit cache (computed for files not seen before)."""
     return [check.sha1 for check in check_files(samples, settings, source, max_pixels, stop=stop)]
 
@@ -159,13 +174,25 @@ def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dic
         if not kinds:
             kinds.append("within_class")
         for kind in kinds:
-            duplicates.append({"kind": kind, "sha1": sha1, "paths": [samples[i].ref for i in members],
-                               "labels": labels, "splits": splits})
+            duplicates.append(
+                {
+                    "kind": kind,
+                    "sha1": sha1,
+                    "paths": [samples[i].ref for i in members],
+                    "labels": labels,
+                    "splits": splits,
+                }
+            )
     return duplicates
 
 
-def audit(scan_result: ScanResult, settings: DataSettings | None = None, system: SystemSettings | None = None,
-          events: Events | None = None, stop: StopToken | None = None) -> AuditReport:
+def audit(
+    scan_result: ScanResult,
+    settings: DataSettings | None = None,
+    system: SystemSettings | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> AuditReport:
     """Check every image of a scanned source; return usable samples, problems and statistics."""
     settings, system = settings or DataSettings(), system or SystemSettings()
     samples = scan_result.samples
@@ -176,8 +203,12 @@ def audit(scan_result: ScanResult, settings: DataSettings | None = None, system:
         if check.error:
             problems.append({"path": sample.ref, "reason": check.error})
         elif min(check.width, check.height) < settings.min_side and not reader(sample).small_by_design:
-            problems.append({"path": sample.ref, "reason": f"too small ({check.width}x{check.height}, "
-                                                           f"under {settings.min_side} px a side)"})
+            problems.append(
+                {
+                    "path": sample.ref,
+                    "reason": f"too small ({check.width}x{check.height}, under {settings.min_side} px a side)",
+                }
+            )
         else:
             usable.append(sample)
     duplicates = _find_duplicates(samples, checks)
@@ -189,14 +220,17 @@ def audit(scan_result: ScanResult, settings: DataSettings | None = None, system:
     nonzero = [n for n in classes.values() if n]
     ratio = round(max(nonzero) / min(nonzero), 2) if nonzero else 0.0
     small = sorted(label for label, n in classes.items() if n < settings.min_per_class)
-    return AuditReport(scan_result.root, classes, dict(splits), problems, duplicates, ratio, small,
-                       len(samples), usable)
+    return AuditReport(
+        scan_result.root, classes, dict(splits), problems, duplicates, ratio, small, len(samples), usable
+    )
 
 
 def format_report(report: AuditReport, max_rows: int = 50) -> str:
     """A table for the terminal: class counts, then problems and duplicates."""
-    lines = [f"{report.source}: {report.n_files} files, {len(report.usable)} usable, "
-             f"{len(report.classes)} classes, imbalance ratio {report.imbalance_ratio}"]
+    lines = [
+        f"{report.source}: {report.n_files} files, {len(report.usable)} usable, "
+        f"{len(report.classes)} classes, imbalance ratio {report.imbalance_ratio}"
+    ]
     split_names = sorted(report.splits)
     width = max([len(c) for c in report.classes] + [5])
     lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in split_names) + "    total")

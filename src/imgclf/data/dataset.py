@@ -3,6 +3,7 @@
 Augmentation is seeded per (seed, epoch, image), so a run gives the same batches whatever the
 number of DataLoader workers, and a resumed run replays exactly what the killed one would have.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,15 @@ def open_for(sample: Sample, prep: Preprocessing | None, max_pixels: int = DEFAU
     return open_sample(sample, prep.resize_size if prep else None, max_pixels)
 
 
-def decode_all(samples: list[Sample], to_tensor: Callable[[Image.Image], torch.Tensor],
-               prep: Preprocessing, stage: str, events: Events | None = None, stop: StopToken | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list, list[ImageError]]:
+def decode_all(
+    samples: list[Sample],
+    to_tensor: Callable[[Image.Image], torch.Tensor],
+    prep: Preprocessing,
+    stage: str,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list, list[ImageError]]:
     """Decode samples in parallel threads (Pillow releases the GIL) into uint8 tensors.
 
     Returns the tensors (None where a file failed) and the failures. A stop raises Stopped.
@@ -63,9 +70,17 @@ class ImageDataset(Dataset):
     file travels with the data to the process that emits events.
     """
 
-    def __init__(self, samples: list[Sample], targets: list[int], prep: Preprocessing, train: bool,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 cache: list[torch.Tensor | None] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        samples: list[Sample],
+        targets: list[int],
+        prep: Preprocessing,
+        train: bool,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+        cache: list[torch.Tensor | None] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.samples, self.targets, self.prep = samples, targets, prep
         self.train, self.augment, self.seed, self.cache = train, augment, seed, cache
         self.max_pixels = max_pixels
@@ -118,23 +133,24 @@ class EpochSampler(Sampler):
 
     def _indices(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.size))[self.rank::self.world_size]
+            return list(range(self.size))[self.rank :: self.world_size]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         # every process gets the same number of items (DDP steps in lock-step)
         per_rank = len(order) // self.world_size if self.world_size > 1 else len(order)
-        return order[self.rank::self.world_size][:per_rank]
+        return order[self.rank :: self.world_size][:per_rank]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.skip:]:
+        for index in self._indices()[self.skip :]:
             yield self.epoch, index
 
     def __len__(self) -> int:
         return max(0, len(self._indices()) - self.skip)
 
 
-def prefetch_batches(count: int, load: Callable[[int], torch.Tensor | None], batch_size: int,
-                     workers: int | None = None):
+def prefetch_batches(
+    count: int, load: Callable[[int], torch.Tensor | None], batch_size: int, workers: int | None = None
+):
     """:func:`imgclf.data.preprocess.prefetch_batches` stacking torch tensors."""
     from imgclf.data.preprocess import prefetch_batches as prefetch
 

@@ -4,6 +4,7 @@ Formats are sniffed from the content (never trusted from the extension) against 
 allowlist; EXIF orientation is applied; every Pillow mode becomes 8-bit RGB with correct
 values (16-bit and float scaled, transparency composited on a fixed background).
 """
+
 from __future__ import annotations
 
 import io
@@ -134,7 +135,11 @@ def load_image(
 
 
 def decode_image_bytes(
-    data: bytes, name: str, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes,
+    name: str,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     with_size: bool = False,
 ):
     """Decode image bytes (a file's content or an upload) exactly as :func:`load_image` does.

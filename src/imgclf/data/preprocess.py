@@ -1,6 +1,7 @@
 """Model-input preprocessing without PyTorch (Pillow + NumPy), shared by every path: training's
 image cache, evaluation, the PyTorch predictor and the ONNX runtime predictor, so one photo gives
 one input whichever runs the model."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+FILTERS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
 
 
 def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -72,8 +79,9 @@ def normalize(batch: np.ndarray, mean, std) -> np.ndarray:
     return out
 
 
-def prefetch_batches(count: int, load: Callable[[int], object], batch_size: int, stack: Callable = np.stack,
-                     workers: int | None = None) -> Iterator[tuple[list[int], list[int], object]]:
+def prefetch_batches(
+    count: int, load: Callable[[int], object], batch_size: int, stack: Callable = np.stack, workers: int | None = None
+) -> Iterator[tuple[list[int], list[int], object]]:
     """Yield ``(chunk, good, batch)`` over items ``0..count-1`` in order, decoding the next two
     batches in a thread pool while the caller runs the model on this one. ``chunk`` lists the
     items of this batch, ``good`` those that decoded (``load`` returns None for a failure), and

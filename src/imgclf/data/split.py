@@ -6,6 +6,7 @@ the ones already there. Splits given by the source (split folders, a CSV column)
 only files without one are assigned. A class with 3+ images that hashing leaves without a train,
 val or test image gets one moved there, so every split sees every such class.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,7 @@ def assign_splits(samples: list[Sample], val_fraction: float = 0.1, test_fractio
     of the training images by hash with their usual fractions; when it names all three, nothing moves.
     """
     given = {s.split for s in samples if s.split}
-    wants = {"val": val_fraction if "val" not in given else 0.0,
-             "test": test_fraction if "test" not in given else 0.0}
+    wants = {"val": val_fraction if "val" not in given else 0.0, "test": test_fraction if "test" not in given else 0.0}
     result, movable = [], set()
     for i, sample in enumerate(samples):
         if sample.split in ("val", "test"):
@@ -104,6 +104,7 @@ SPLIT_COLUMNS = ["path", "label", "split", "kind", "member"]
 
 def write_split_csv(samples: list[Sample], path: str | Path) -> None:
     """The split used, one row per image: ``path,label,split,kind,member``, written atomically."""
+
     def write(temp: str) -> None:
         with open(temp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)

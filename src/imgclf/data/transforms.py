@@ -3,6 +3,7 @@
 Images become uint8 CHW tensors once (resize + crop); normalisation to float happens per batch,
 so cached images stay small and the same photo gives the same tensor in every path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,13 +38,18 @@ def train_augmentation(preset: str, prep: Preprocessing) -> v2.Transform:
     size = [prep.image_size, prep.image_size]
     if preset == "none":
         return v2.Compose([v2.Resize(prep.resize_size, interpolation_mode(prep), antialias=True), v2.CenterCrop(size)])
-    crop = v2.RandomResizedCrop(size, scale=(0.35, 1.0) if preset == "strong" else (0.6, 1.0),
-                                interpolation=interpolation_mode(prep), antialias=True)
+    crop = v2.RandomResizedCrop(
+        size,
+        scale=(0.35, 1.0) if preset == "strong" else (0.6, 1.0),
+        interpolation=interpolation_mode(prep),
+        antialias=True,
+    )
     steps: list[v2.Transform] = [crop, v2.RandomHorizontalFlip()]
     if preset == "strong":
         steps += [
-            v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10,
-                            interpolation=InterpolationMode.BILINEAR),
+            v2.RandomAffine(
+                degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10, interpolation=InterpolationMode.BILINEAR
+            ),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
         ]
     elif preset == "light":

@@ -4,6 +4,7 @@ confidence threshold chosen for a target precision (pure functions on logits and
 Temperature scaling (Guo et al., 2017) divides the logits by one number fitted on the validation
 split; it never changes which class wins, only how sure the model says it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict:
             continue
         conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
         ece += inside.mean() * abs(acc - conf)
-        rows.append({"low": float(low), "high": float(high), "confidence": conf, "accuracy": acc,
-                     "n": int(inside.sum())})
+        rows.append(
+            {"low": float(low), "high": float(high), "confidence": conf, "accuracy": acc, "n": int(inside.sum())}
+        )
     return {"ece": float(ece), "bins": rows}
 
 
@@ -63,12 +65,23 @@ def threshold_for_precision(probs: np.ndarray, targets: np.ndarray, target: floa
     ok = np.nonzero(precision >= target)[0]
     needed = int(math.ceil(10 / max(1e-9, 1 - target)))
     if len(ok) == 0:
-        return {"target_precision": target, "threshold": 1.0, "coverage": 0.0, "precision": float("nan"),
-                "n": int(len(targets)), "reliable": False}
+        return {
+            "target_precision": target,
+            "threshold": 1.0,
+            "coverage": 0.0,
+            "precision": float("nan"),
+            "n": int(len(targets)),
+            "reliable": False,
+        }
     last = int(ok[-1])  # the largest set (lowest threshold) that still meets the target
-    return {"target_precision": target, "threshold": float(confidence[order][last]),
-            "coverage": float(kept[last] / len(order)), "precision": float(precision[last]),
-            "n": int(len(targets)), "reliable": bool(kept[last] >= needed)}
+    return {
+        "target_precision": target,
+        "threshold": float(confidence[order][last]),
+        "coverage": float(kept[last] / len(order)),
+        "precision": float(precision[last]),
+        "n": int(len(targets)),
+        "reliable": bool(kept[last] >= needed),
+    }
 
 
 def precision_at(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict:
@@ -76,5 +89,9 @@ def precision_at(probs: np.ndarray, targets: np.ndarray, threshold: float) -> di
     confidence = probs.max(axis=1)
     kept = confidence >= threshold
     correct = probs.argmax(axis=1) == targets
-    return {"threshold": threshold, "coverage": float(kept.mean()) if len(kept) else 0.0,
-            "precision": float(correct[kept].mean()) if kept.any() else float("nan"), "n_kept": int(kept.sum())}
+    return {
+        "threshold": threshold,
+        "coverage": float(kept.mean()) if len(kept) else 0.0,
+        "precision": float(correct[kept].mean()) if kept.any() else float("nan"),
+        "n_kept": int(kept.sum()),
+    }

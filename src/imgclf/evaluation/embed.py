@@ -1,6 +1,7 @@
 """What the model "sees": penultimate-layer vectors for every image, as TensorBoard's projector
 reads them, as NumPy, and as 2-D maps (PCA and t-SNE); and the nearest training photos of an image
 (a quick way to find duplicates and mislabelled photos)."""
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,9 @@ class Embeddings:
     rows: list[int]  # position of each vector's sample in the list given to embed_samples
 
 
-def embed_samples(clf: Classifier, samples: list[Sample], events: Events = ignore,
-                  stop: StopToken | None = None) -> Embeddings:
+def embed_samples(
+    clf: Classifier, samples: list[Sample], events: Events = ignore, stop: StopToken | None = None
+) -> Embeddings:
     """Penultimate-layer vectors of the samples that decode (same preprocessing as prediction)."""
     prep, stop = clf.preprocessing, stop_token(stop)
 
@@ -90,7 +92,8 @@ def write_projector(emb: Embeddings, out: Path) -> None:
     (out / "projector_config.pbtxt").write_text(
         'embeddings {\n  tensor_name: "imgclf"\n  tensor_path: "tensors.tsv"\n  metadata_path: "metadata.tsv"\n'
         f'  sprite {{\n    image_path: "sprite.png"\n    single_image_dim: {side}\n    single_image_dim: {side}\n'
-        "  }\n}\n")
+        "  }\n}\n"
+    )
 
 
 def map_2d(vectors: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
@@ -105,8 +108,15 @@ def map_2d(vectors: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
 
 
-def embed(clf: Classifier, run_dir: str | Path, data: str | None, out: str | Path, events: Events | None = None,
-          stop: StopToken | None = None, max_tsne: int = 5000) -> Path:
+def embed(
+    clf: Classifier,
+    run_dir: str | Path,
+    data: str | None,
+    out: str | Path,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+    max_tsne: int = 5000,
+) -> Path:
     """Embeddings of ``data`` (or of the run's own split) with the run's model, written to ``out``."""
     out, events = Path(out), channel(events)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,15 +132,29 @@ def embed(clf: Classifier, run_dir: str | Path, data: str | None, out: str | Pat
     thumbs = emb.samples if len(emb.samples) <= 300 else None
     plot_embedding_map(map_2d(emb.vectors, "pca"), labels, out / "map_pca.png", "PCA", thumbs)
     subset = slice(0, max_tsne)
-    plot_embedding_map(map_2d(emb.vectors[subset], "tsne"), labels[subset], out / "map_tsne.png", "t-SNE",
-                       thumbs[subset] if thumbs else None)
-    info(events, f"{len(emb.samples)} embeddings ({emb.vectors.shape[1]}-d) in {out}; TensorBoard: "
-                 f"tensorboard --logdir {out}", str(out))
+    plot_embedding_map(
+        map_2d(emb.vectors[subset], "tsne"),
+        labels[subset],
+        out / "map_tsne.png",
+        "t-SNE",
+        thumbs[subset] if thumbs else None,
+    )
+    info(
+        events,
+        f"{len(emb.samples)} embeddings ({emb.vectors.shape[1]}-d) in {out}; TensorBoard: tensorboard --logdir {out}",
+        str(out),
+    )
     return out
 
 
-def similar(clf: Classifier, run_dir: str | Path, image: str, k: int = 8, events: Events | None = None,
-            stop: StopToken | None = None) -> list[dict]:
+def similar(
+    clf: Classifier,
+    run_dir: str | Path,
+    image: str,
+    k: int = 8,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> list[dict]:
     """The ``k`` training photos nearest to ``image`` by cosine similarity of embeddings."""
     run_dir, events = Path(run_dir), channel(events)
     train = [s for s in read_split_csv(run_dir / RunDir.SPLIT) if s.split == "train"]
@@ -168,7 +192,18 @@ def log_to_tensorboard(run_dir: str | Path, samples: list[Sample], limit: int = 
                 picture = np.asarray(Image.open(run_dir / name).convert("RGB"))
                 writer.add_image(Path(name).stem, picture, dataformats="HWC")
         if len(emb.samples):
-            thumbs = torch.stack([torch.from_numpy(np.array(open_sample(s).resize((32, 32)), dtype=np.uint8))
-                                  .permute(2, 0, 1) for s in emb.samples]).float() / 255
-            writer.add_embedding(torch.from_numpy(emb.vectors), metadata=[s.label for s in emb.samples],
-                                 label_img=thumbs, tag="evaluated images")
+            thumbs = (
+                torch.stack(
+                    [
+                        torch.from_numpy(np.array(open_sample(s).resize((32, 32)), dtype=np.uint8)).permute(2, 0, 1)
+                        for s in emb.samples
+                    ]
+                ).float()
+                / 255
+            )
+            writer.add_embedding(
+                torch.from_numpy(emb.vectors),
+                metadata=[s.label for s in emb.samples],
+                label_img=thumbs,
+                tag="evaluated images",
+            )

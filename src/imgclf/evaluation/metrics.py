@@ -4,6 +4,7 @@ Everything here is a pure function of arrays (no files, no model, no torch) so i
 exactly and reused for val during training and for the final test report alike. The result is a
 plain dict of Python scalars and lists so it can be written straight to JSON.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -88,9 +89,7 @@ def _rank(probs: np.ndarray) -> np.ndarray:
     return np.argsort(-probs, axis=1, kind="stable")
 
 
-def _per_class(
-    targets: np.ndarray, preds: np.ndarray, classes: list[str]
-) -> tuple[dict, float, float]:
+def _per_class(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> tuple[dict, float, float]:
     """Per-class precision/recall/F1/support, macro F1 and balanced accuracy.
 
     Macro F1 averages over classes that occur in the targets or the predictions (sklearn's
@@ -99,9 +98,7 @@ def _per_class(
     classes with no images, because their recall is undefined.
     """
     labels = list(range(len(classes)))
-    prec, rec, f1, support = precision_recall_fscore_support(
-        targets, preds, labels=labels, zero_division=0
-    )
+    prec, rec, f1, support = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
     per_class = {
         name: {
             "precision": float(prec[i]),
@@ -120,17 +117,10 @@ def _per_class(
 
 def _most_confused(matrix: np.ndarray, classes: list[str]) -> list[dict]:
     """The off-diagonal cells with the most images: the pairs worth looking at first."""
-    cells = [
-        (int(matrix[t, p]), classes[t], classes[p])
-        for t, p in zip(*np.nonzero(matrix))
-        if t != p
-    ]
+    cells = [(int(matrix[t, p]), classes[t], classes[p]) for t, p in zip(*np.nonzero(matrix)) if t != p]
     # Label names break ties so the report is identical from run to run.
     cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
-    return [
-        {"true": true, "predicted": pred, "count": count}
-        for count, true, pred in cells[:_MOST_CONFUSED]
-    ]
+    return [{"true": true, "predicted": pred, "count": count} for count, true, pred in cells[:_MOST_CONFUSED]]
 
 
 def _mistakes(
@@ -172,9 +162,7 @@ def _prefix(label: str, depth: int, separator: str) -> str:
     return separator.join(label.split(separator)[:depth])
 
 
-def _levels(
-    preds: np.ndarray, targets: np.ndarray, classes: list[str], separator: str
-) -> list[dict]:
+def _levels(preds: np.ndarray, targets: np.ndarray, classes: list[str], separator: str) -> list[dict]:
     """Accuracy at each depth of a label hierarchy.
 
     A model that confuses two kinds of sneaker is far more useful than one that confuses shoes

@@ -3,6 +3,7 @@
 Each function writes one PNG and returns its path. The Agg backend is selected before pyplot is
 imported because reports are made on headless machines (servers, CI) with no display.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,13 +50,10 @@ def _annotate(ax, counts: np.ndarray, fractions: np.ndarray) -> None:
     for t in range(counts.shape[0]):
         for p in range(counts.shape[1]):
             colour = "white" if fractions[t, p] > 0.5 else "black"
-            ax.text(p, t, str(int(counts[t, p])), ha="center", va="center",
-                    color=colour, fontsize=8)
+            ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", color=colour, fontsize=8)
 
 
-def plot_confusion(
-    confusion: dict, path: str | Path, max_classes: int = 30, title: str = "Confusion matrix"
-) -> Path:
+def plot_confusion(confusion: dict, path: str | Path, max_classes: int = 30, title: str = "Confusion matrix") -> Path:
     """Heatmap of a ``{"labels", "matrix"}`` confusion dict, normalised per true class.
 
     With more than ``max_classes`` classes only the most-confused ones are drawn: a full
@@ -99,8 +97,7 @@ def _column(history: list[dict], key: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _curves(ax, epochs: np.ndarray, series: list[tuple[str, np.ndarray]], ylabel: str,
-            best_epoch: int | None) -> None:
+def _curves(ax, epochs: np.ndarray, series: list[tuple[str, np.ndarray]], ylabel: str, best_epoch: int | None) -> None:
     """Draw one panel; all-NaN series are skipped so the legend lists only real curves."""
     for label, values in series:
         if not np.all(np.isnan(values)):
@@ -125,11 +122,20 @@ def plot_history(history: list[dict], path: str | Path, best_epoch: int | None =
     epochs = np.asarray([int(row["epoch"]) for row in history])
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     try:
-        _curves(loss_ax, epochs, [("train loss", _column(history, "train_loss")),
-                                  ("val loss", _column(history, "val_loss"))], "loss", best_epoch)
-        _curves(acc_ax, epochs, [("train acc", _column(history, "train_acc")),
-                                 ("val top-1", _column(history, "val_top1"))], "accuracy",
-                best_epoch)
+        _curves(
+            loss_ax,
+            epochs,
+            [("train loss", _column(history, "train_loss")), ("val loss", _column(history, "val_loss"))],
+            "loss",
+            best_epoch,
+        )
+        _curves(
+            acc_ax,
+            epochs,
+            [("train acc", _column(history, "train_acc")), ("val top-1", _column(history, "val_top1"))],
+            "accuracy",
+            best_epoch,
+        )
         loss_ax.set_title("Loss")
         acc_ax.set_title("Accuracy")
         # Whole-number ticks: fractional epochs do not exist.
@@ -174,8 +180,11 @@ def plot_accuracy_vs_n(rows: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         for candidate in dict.fromkeys(r["candidate"] for r in rows):
-            points = sorted((r["per_class"], r["test_top1"]) for r in rows
-                            if r["candidate"] == candidate and r["per_class"] != "all")
+            points = sorted(
+                (r["per_class"], r["test_top1"])
+                for r in rows
+                if r["candidate"] == candidate and r["per_class"] != "all"
+            )
             ax.plot([n for n, _ in points], [100 * a for _, a in points], marker="o", label=candidate)
         ax.set_xscale("log")
         ax.set_xlabel("training photos per class")
@@ -194,9 +203,10 @@ def plot_reliability(calibration: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     try:
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-        for key, label in (("bins_before", f"before (ECE {calibration['ece_before']:.3f})"),
-                           ("bins_after", f"after T={calibration['temperature']:.2f} "
-                                          f"(ECE {calibration['ece_after']:.3f})")):
+        for key, label in (
+            ("bins_before", f"before (ECE {calibration['ece_before']:.3f})"),
+            ("bins_after", f"after T={calibration['temperature']:.2f} (ECE {calibration['ece_after']:.3f})"),
+        ):
             bins = calibration[key]
             ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=label)
         ax.set_xlim(0, 1)
@@ -211,8 +221,9 @@ def plot_reliability(calibration: dict, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def plot_embedding_map(points: np.ndarray, labels: list[str], path: str | Path, method: str,
-                       thumbs: list | None = None) -> Path:
+def plot_embedding_map(
+    points: np.ndarray, labels: list[str], path: str | Path, method: str, thumbs: list | None = None
+) -> Path:
     """2-D map of embeddings coloured by class; small sets get their photos drawn on the map."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 

@@ -1,5 +1,6 @@
 """``evaluate``: a trained run on its test split (or on other labelled data) -> metrics.json,
 pictures (confusion, curves, reliability), report.md and a self-contained report.html."""
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,9 @@ def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], 
     return (test, "test") if test else (scanned, "all")
 
 
-def sample_logits(clf: Classifier, samples: list[Sample], events: Events, stop: StopToken,
-                  stage: str = "evaluate") -> tuple[np.ndarray, list[int], list[ImageError]]:
+def sample_logits(
+    clf: Classifier, samples: list[Sample], events: Events, stop: StopToken, stage: str = "evaluate"
+) -> tuple[np.ndarray, list[int], list[ImageError]]:
     """Raw logits for the samples that decode; returns (logits, kept indices, failures). Decoding
     runs ahead of the model in threads, a few batches at a time (the predictor's own pipeline)."""
     prep = clf.preprocessing
@@ -74,8 +76,13 @@ def calibration_report(logits: np.ndarray, targets: np.ndarray, meta: dict) -> d
     the validation split) does on these images."""
     temperature = float(meta.get("temperature", 1.0))
     before, after = reliability(softmax(logits), targets), reliability(softmax(logits, temperature), targets)
-    report = {"temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"],
-              "bins_before": before["bins"], "bins_after": after["bins"]}
+    report = {
+        "temperature": temperature,
+        "ece_before": before["ece"],
+        "ece_after": after["ece"],
+        "bins_before": before["bins"],
+        "bins_after": after["bins"],
+    }
     chosen = meta.get("threshold")
     if chosen:
         measured = precision_at(softmax(logits, temperature), targets, chosen["threshold"])
@@ -83,8 +90,9 @@ def calibration_report(logits: np.ndarray, targets: np.ndarray, meta: dict) -> d
     return report
 
 
-def calibrate(run_dir: str | Path, settings: Settings, events: Events | None = None,
-              stop: StopToken | None = None) -> dict:
+def calibrate(
+    run_dir: str | Path, settings: Settings, events: Events | None = None, stop: StopToken | None = None
+) -> dict:
     """Fit the temperature and the confidence threshold on the run's validation split and store
     both in model.json, so every later prediction uses them."""
     run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
@@ -92,12 +100,14 @@ def calibrate(run_dir: str | Path, settings: Settings, events: Events | None = N
     known = set(clf.classes_)
     val = [s for s in read_split_csv(run_dir / RunDir.SPLIT) if s.split == "val" and s.label in known]
     logits, kept, _ = sample_logits(clf, val, events, stop, "calibrate")
-    return calibrate_from_logits(run_dir, clf.meta, logits, [val[i] for i in kept],
-                                 settings.evaluate.target_precision, events)
+    return calibrate_from_logits(
+        run_dir, clf.meta, logits, [val[i] for i in kept], settings.evaluate.target_precision, events
+    )
 
 
-def calibrate_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample],
-                          target_precision: float, events: Events) -> dict:
+def calibrate_from_logits(
+    run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample], target_precision: float, events: Events
+) -> dict:
     if not samples:
         return {}
     index = {label: i for i, label in enumerate(meta["classes"])}
@@ -105,13 +115,18 @@ def calibrate_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples
     temperature = fit_temperature(logits, targets)
     chosen = threshold_for_precision(softmax(logits, temperature), targets, target_precision)
     if not chosen["reliable"]:
-        chosen["note"] = (f"only {chosen['n']} validation images: too few to promise {target_precision:.0%} "
-                          f"precision at this threshold")
+        chosen["note"] = (
+            f"only {chosen['n']} validation images: too few to promise {target_precision:.0%} "
+            f"precision at this threshold"
+        )
     update_meta(run_dir, {"temperature": temperature, "threshold": chosen})
     meta.update({"temperature": temperature, "threshold": chosen})
-    info(events, f"calibration on {len(targets)} validation images: temperature {temperature:.3f}; "
-                 f"{target_precision:.0%} precision at confidence >= {chosen['threshold']:.3f} "
-                 f"(decides {chosen['coverage']:.0%} of images)")
+    info(
+        events,
+        f"calibration on {len(targets)} validation images: temperature {temperature:.3f}; "
+        f"{target_precision:.0%} precision at confidence >= {chosen['threshold']:.3f} "
+        f"(decides {chosen['coverage']:.0%} of images)",
+    )
     return {"temperature": temperature, "threshold": chosen}
 
 
@@ -120,8 +135,11 @@ def write_pictures(out: Path, metrics: dict, meta: dict, history: list[dict]) ->
     folder = RunDir(out)
     plot_confusion(metrics["confusion"], folder / RunDir.CONFUSION)
     for level in (metrics.get("levels") or [])[:-1]:  # the deepest level is confusion.png itself
-        plot_confusion(rollup_confusion(metrics["confusion"], level["depth"], separator(meta)),
-                       folder.confusion_at(level["depth"]), title=f"Confusion at depth {level['depth']}")
+        plot_confusion(
+            rollup_confusion(metrics["confusion"], level["depth"], separator(meta)),
+            folder.confusion_at(level["depth"]),
+            title=f"Confusion at depth {level['depth']}",
+        )
     if history:
         plot_history(history, folder / RunDir.CURVES, best_epoch=meta.get("epoch"))
     if metrics.get("calibration"):
@@ -133,12 +151,20 @@ def read_history(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as handle:
-        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
+        return [
+            {k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | None = None,
-             settings: Settings | None = None, events: Events | None = None, stop: StopToken | None = None) -> dict:
+def evaluate(
+    run_dir: str | Path,
+    data: str | None = None,
+    out: str | Path | None = None,
+    settings: Settings | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> dict:
     """Evaluate a run on its test split, or on other labelled ``data``; writes metrics.json, the
     pictures, report.md and report.html into ``out`` (the run folder by default)."""
     run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
@@ -152,13 +178,22 @@ def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | Non
     logits, kept, failures = sample_logits(clf, samples, events, stop)
     for failure in failures:
         skipped(events, failure.path, failure.reason)
-    extra = {"split": split, "data": str(data) if data else "run split",
-             "skipped": [{"path": f.path, "reason": f.reason} for f in failures], "unknown_labels": len(unknown)}
+    extra = {
+        "split": split,
+        "data": str(data) if data else "run split",
+        "skipped": [{"path": f.path, "reason": f.reason} for f in failures],
+        "unknown_labels": len(unknown),
+    }
     return report_from_logits(run_dir, clf.meta, logits, [samples[i] for i in kept], extra, events, out)
 
 
-def after_training(run_dir: str | Path, logits: dict | None, settings: Settings, events: Events | None = None,
-                   stop: StopToken | None = None) -> dict:
+def after_training(
+    run_dir: str | Path,
+    logits: dict | None,
+    settings: Settings,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> dict:
     """Calibrate a freshly trained run on its validation split, then report on its test split.
     ``logits`` ({split: (logits, samples)}, as head mode hands them on) saves running the model."""
     run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
@@ -173,8 +208,15 @@ def after_training(run_dir: str | Path, logits: dict | None, settings: Settings,
     return report_from_logits(run_dir, meta, *logits[split], extra, events)
 
 
-def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: list[Sample], extra: dict,
-                       events: Events, out: str | Path | None = None) -> dict:
+def report_from_logits(
+    run_dir: Path,
+    meta: dict,
+    logits: np.ndarray,
+    samples: list[Sample],
+    extra: dict,
+    events: Events,
+    out: str | Path | None = None,
+) -> dict:
     """Metrics, pictures and reports from the logits of labelled samples (whatever computed them)."""
     out = Path(out or run_dir)
     classes = list(meta["classes"])
@@ -182,8 +224,9 @@ def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: l
     targets = np.array([index[s.label] for s in samples], dtype=np.int64)
     probs = softmax(logits, float(meta.get("temperature", 1.0)))
     metrics = compute_metrics(probs, targets, classes, [s.name for s in samples], separator(meta))
-    metrics.update({"architecture": meta["architecture"], **extra,
-                    "calibration": calibration_report(logits, targets, meta)})
+    metrics.update(
+        {"architecture": meta["architecture"], **extra, "calibration": calibration_report(logits, targets, meta)}
+    )
     RunDir(out).write_json(RunDir.METRICS, metrics)
     history = read_history(run_dir)
     write_pictures(out, metrics, meta, history)
@@ -191,6 +234,10 @@ def report_from_logits(run_dir: Path, meta: dict, logits: np.ndarray, samples: l
     write_report_html(out, metrics, meta, RunDir(run_dir).read_json(RunDir.AUDIT, {}))
     if (run_dir / RunDir.TENSORBOARD).is_dir() and out == run_dir:
         log_to_tensorboard(run_dir, samples)
-    info(events, f"{metrics['split']} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} "
-                 f"images; report: {report}", str(report))
+    info(
+        events,
+        f"{metrics['split']} top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {metrics['n']} "
+        f"images; report: {report}",
+        str(report),
+    )
     return metrics

@@ -13,6 +13,7 @@ The export folder is itself a bundle for the torch-free predictor (:mod:`imgclf.
 ``model.onnx`` (and ``model.int8.onnx``) beside a ``model.json`` with classes, preprocessing,
 temperature and threshold, and the check results.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,16 @@ INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_DROP = 0.01
 
 
-def _inputs(clf: Classifier, samples: list, limit: int, stage: str, signals: tuple[Events, StopToken]) \
-        -> tuple[np.ndarray, list[int]]:
+def _inputs(
+    clf: Classifier, samples: list, limit: int, stage: str, signals: tuple[Events, StopToken]
+) -> tuple[np.ndarray, list[int]]:
     """Normalised float32 NCHW inputs of up to ``limit`` samples (spread over the list), and their rows."""
     step = max(1, len(samples) // limit) if limit else 1
     positions = list(range(0, len(samples), step))[:limit] if limit else list(range(len(samples)))
     prep = clf.preprocessing
-    tensors, _ = decode_all([samples[p] for p in positions], lambda im: eval_tensor(im, prep), prep, stage,
-                            *signals, clf.max_pixels)
+    tensors, _ = decode_all(
+        [samples[p] for p in positions], lambda im: eval_tensor(im, prep), prep, stage, *signals, clf.max_pixels
+    )
     kept = [i for i, t in enumerate(tensors) if t is not None]
     if not kept:
         raise ExportError("no readable images to check the export with")
@@ -66,13 +69,15 @@ def _onnx_logits(path: Path, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return np.concatenate([session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
 def _torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     model = model.float().eval().to("cpu", memory_format=torch.contiguous_format)
-    return np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    )
 
 
 def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
@@ -82,14 +87,29 @@ def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter is chatty
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.float().eval().cpu(), (dummy,), str(path), input_names=["pixels"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
-                          external_data=False, verbose=False)
+        torch.onnx.export(
+            model.float().eval().cpu(),
+            (dummy,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, settings: Settings | None = None,
-           events: Events | None = None, stop: StopToken | None = None, check_images: int = 256,
-           calibration_images: int = 512) -> dict:
+def export(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    int8: bool = False,
+    settings: Settings | None = None,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+    check_images: int = 256,
+    calibration_images: int = 512,
+) -> dict:
     """Write the ONNX bundle folder (default ``RUN_DIR/onnx``) and return the check results.
 
     ``calibration_images``: training photos (spread over the split) that int8 is calibrated on.
@@ -112,10 +132,14 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
     difference = float(np.abs(softmax(_onnx_logits(fp32_path, x), temperature) - reference).max())
     if difference >= FP32_TOLERANCE:
         fp32_path.unlink()
-        raise ExportError(f"{run_dir}: ONNX fp32 differs from PyTorch by {difference:.2e} (limit "
-                          f"{FP32_TOLERANCE:.0e}); the export was not written")
-    report = {"fp32": {"file": FP32_FILE, "max_abs_diff_probs": difference, "checked_images": len(x)},
-              "weights_sha256": weights_digest(run_dir / RunDir.WEIGHTS)}
+        raise ExportError(
+            f"{run_dir}: ONNX fp32 differs from PyTorch by {difference:.2e} (limit "
+            f"{FP32_TOLERANCE:.0e}); the export was not written"
+        )
+    report = {
+        "fp32": {"file": FP32_FILE, "max_abs_diff_probs": difference, "checked_images": len(x)},
+        "weights_sha256": weights_digest(run_dir / RunDir.WEIGHTS),
+    }
     openvino = _check_openvino(fp32_path, x, reference, temperature)
     if openvino:
         report["openvino"] = openvino
@@ -131,8 +155,12 @@ def export(run_dir: str | Path, out: str | Path | None = None, int8: bool = Fals
             raise
         _write_meta(out, clf.meta, report)
         result = report["int8"]
-        info(events, f"exported {out / INT8_FILE} (top-1 agreement {result['top1_agreement']:.3f}, accuracy "
-                     f"{result['accuracy']:.3f} vs {result['fp32_accuracy']:.3f})", str(out / INT8_FILE))
+        info(
+            events,
+            f"exported {out / INT8_FILE} (top-1 agreement {result['top1_agreement']:.3f}, accuracy "
+            f"{result['accuracy']:.3f} vs {result['fp32_accuracy']:.3f})",
+            str(out / INT8_FILE),
+        )
     return report
 
 
@@ -140,16 +168,19 @@ def _say_openvino(openvino: dict, events: Events) -> None:
     if openvino.get("error"):
         warn(events, f"OpenVINO could not run this model ({openvino['error']}); predict uses ONNX Runtime")
     elif openvino:
-        info(events, f"OpenVINO {openvino['precision']}: {openvino['images_per_s']:.0f} img/s vs ONNX Runtime "
-                     f"{openvino['onnxruntime_images_per_s']:.0f}, top-1 agreement {openvino['top1_agreement']:.3f}"
-                     f" -> {'recommended' if openvino['recommended'] else 'not recommended'} on this CPU")
+        info(
+            events,
+            f"OpenVINO {openvino['precision']}: {openvino['images_per_s']:.0f} img/s vs ONNX Runtime "
+            f"{openvino['onnxruntime_images_per_s']:.0f}, top-1 agreement {openvino['top1_agreement']:.3f}"
+            f" -> {'recommended' if openvino['recommended'] else 'not recommended'} on this CPU",
+        )
 
 
 def _images_per_second(run_batch, x: np.ndarray, batch_size: int = 32) -> float:
     run_batch(x[:batch_size])  # warm-up
     started = time.perf_counter()
     for i in range(0, len(x), batch_size):
-        run_batch(x[i:i + batch_size])
+        run_batch(x[i : i + batch_size])
     return len(x) / (time.perf_counter() - started)
 
 
@@ -165,19 +196,25 @@ def _check_openvino(fp32_path: Path, x: np.ndarray, reference: np.ndarray, tempe
 
     try:
         request = compile_openvino(fp32_path, precision)
-        probs = np.concatenate([softmax(request.infer({0: x[i:i + 32]})[0].copy(), temperature)
-                                for i in range(0, len(x), 32)])
+        probs = np.concatenate(
+            [softmax(request.infer({0: x[i : i + 32]})[0].copy(), temperature) for i in range(0, len(x), 32)]
+        )
     except Exception as exc:  # OpenVINO lacks an operator, a CPU feature...: the ONNX export stands alone
         return {"precision": precision, "error": f"{type(exc).__name__}: {exc}"[:500], "recommended": False}
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     speed = _images_per_second(lambda b: request.infer({0: b}), x)
     ort_speed = _images_per_second(lambda b: session.run(None, {"pixels": b}), x)
     agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
-    return {"precision": precision, "top1_agreement": agreement,
-            "max_abs_diff_probs": float(np.abs(probs - reference).max()), "checked_images": len(x),
-            "images_per_s": round(speed, 1), "onnxruntime_images_per_s": round(ort_speed, 1),
-            "cpu_capabilities": cpu_capabilities(),
-            "recommended": agreement >= INT8_MIN_AGREEMENT and speed > ort_speed}
+    return {
+        "precision": precision,
+        "top1_agreement": agreement,
+        "max_abs_diff_probs": float(np.abs(probs - reference).max()),
+        "checked_images": len(x),
+        "images_per_s": round(speed, 1),
+        "onnxruntime_images_per_s": round(ort_speed, 1),
+        "cpu_capabilities": cpu_capabilities(),
+        "recommended": agreement >= INT8_MIN_AGREEMENT and speed > ort_speed,
+    }
 
 
 def _write_meta(out: Path, meta: dict, report: dict) -> None:
@@ -186,8 +223,15 @@ def _write_meta(out: Path, meta: dict, report: dict) -> None:
     write_meta(out, onnx_meta)
 
 
-def _export_int8(clf: Classifier, split: list, test: list, fp32_path: Path, int8_path: Path,
-                 calibration_images: int, signals: tuple[Events, StopToken]) -> dict:
+def _export_int8(
+    clf: Classifier,
+    split: list,
+    test: list,
+    fp32_path: Path,
+    int8_path: Path,
+    calibration_images: int,
+    signals: tuple[Events, StopToken],
+) -> dict:
     train = [s for s in split if s.split == "train"]
     calibration, _ = _inputs(clf, train, calibration_images, "calibrate int8", signals)
     method = quantize_int8(fp32_path, int8_path, calibration)
@@ -197,12 +241,20 @@ def _export_int8(clf: Classifier, split: list, test: list, fp32_path: Path, int8
     targets = np.array([index.get(test[r].label, -1) for r in rows])
     fp32_top1 = _onnx_logits(fp32_path, x).argmax(1)
     int8_top1 = _onnx_logits(int8_path, x).argmax(1)
-    result = {"file": INT8_FILE, "top1_agreement": float((fp32_top1 == int8_top1).mean()),
-              "accuracy": float((int8_top1 == targets).mean()), "fp32_accuracy": float((fp32_top1 == targets).mean()),
-              "checked_images": len(x), "calibration_images": len(calibration), **method}
+    result = {
+        "file": INT8_FILE,
+        "top1_agreement": float((fp32_top1 == int8_top1).mean()),
+        "accuracy": float((int8_top1 == targets).mean()),
+        "fp32_accuracy": float((fp32_top1 == targets).mean()),
+        "checked_images": len(x),
+        "calibration_images": len(calibration),
+        **method,
+    }
     if result["top1_agreement"] < INT8_MIN_AGREEMENT or result["fp32_accuracy"] - result["accuracy"] > INT8_MAX_DROP:
         shutil.move(str(int8_path), str(int8_path.with_suffix(".failed.onnx")))
-        raise ExportError(f"{int8_path}: int8 export failed its check: top-1 agreement {result['top1_agreement']:.3f} "
-                          f"(needs {INT8_MIN_AGREEMENT}), accuracy {result['accuracy']:.3f} vs fp32 "
-                          f"{result['fp32_accuracy']:.3f} (may drop {INT8_MAX_DROP}); kept as *.failed.onnx")
+        raise ExportError(
+            f"{int8_path}: int8 export failed its check: top-1 agreement {result['top1_agreement']:.3f} "
+            f"(needs {INT8_MIN_AGREEMENT}), accuracy {result['accuracy']:.3f} vs fp32 "
+            f"{result['fp32_accuracy']:.3f} (may drop {INT8_MAX_DROP}); kept as *.failed.onnx"
+        )
     return result

@@ -10,6 +10,7 @@ cuts the logits' RMS error by a third. Measured there (docs/benchmarks.md): ONNX
 ``quantize_static`` stayed at 98.1-98.7% top-1 agreement with fp32 whatever its calibration, short
 of the 99% the export check asks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,11 @@ def float_layers(model, min_convs: int = 10, high_resolution: int = 8) -> list[s
     if len(convs) < min_convs:
         return []
     inferred = onnx.shape_inference.infer_shapes(model)
-    sides = {value.name: value.type.tensor_type.shape.dim[-1].dim_value
-             for value in list(inferred.graph.value_info) + list(inferred.graph.input)
-             if value.type.tensor_type.shape.dim}
+    sides = {
+        value.name: value.type.tensor_type.shape.dim[-1].dim_value
+        for value in list(inferred.graph.value_info) + list(inferred.graph.input)
+        if value.type.tensor_type.shape.dim
+    }
     last_side = sides.get(convs[-1].input[0], 0)
     early = [conv.name for conv in convs if last_side and sides.get(conv.input[0], 0) >= high_resolution * last_side]
     classifier = [node.name for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
@@ -58,11 +61,18 @@ def activations_as_uint8(model) -> int:
     from onnx import TensorProto, numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
-    weight_zero_points = {node.input[2] for node in model.graph.node
-                          if node.op_type == "DequantizeLinear" and node.input[0] in initializers and len(node.input) > 2}
-    activation_zero_points = {node.input[2] for node in model.graph.node
-                              if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2
-                              and node.input[0] not in initializers}
+    weight_zero_points = {
+        node.input[2]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers and len(node.input) > 2
+    }
+    activation_zero_points = {
+        node.input[2]
+        for node in model.graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        and len(node.input) > 2
+        and node.input[0] not in initializers
+    }
     changed = 0
     for name in sorted(activation_zero_points - weight_zero_points):
         init = initializers.get(name)
@@ -84,12 +94,20 @@ def nncf_quantize(model, calibration: np.ndarray, keep_float: list[str], input_n
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     nncf.set_log_level(logging.ERROR)
-    dataset = nncf.Dataset([{input_name: calibration[i:i + 1]} for i in range(len(calibration))])
+    dataset = nncf.Dataset([{input_name: calibration[i : i + 1]} for i in range(len(calibration))])
     # per-tensor activations: ONNX Runtime's int8 convolution takes one input scale
-    per_tensor = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
-    return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED,
-                         fast_bias_correction=False, ignored_scope=nncf.IgnoredScope(names=keep_float, validate=False),
-                         advanced_parameters=per_tensor)
+    per_tensor = AdvancedQuantizationParameters(
+        activations_quantization_params=QuantizationParameters(per_channel=False)
+    )
+    return nncf.quantize(
+        model,
+        dataset,
+        subset_size=len(calibration),
+        preset=nncf.QuantizationPreset.MIXED,
+        fast_bias_correction=False,
+        ignored_scope=nncf.IgnoredScope(names=keep_float, validate=False),
+        advanced_parameters=per_tensor,
+    )
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, input_name: str = "pixels") -> dict:
@@ -102,5 +120,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, inp
     quantized = nncf_quantize(model, calibration, keep_float, input_name)
     activations_as_uint8(quantized)
     onnx.save(quantized, str(int8_path))
-    return {"method": "NNCF post-training quantization with bias correction, QDQ for ONNX Runtime",
-            "kept_float": keep_float}
+    return {
+        "method": "NNCF post-training quantization with bias correction, QDQ for ONNX Runtime",
+        "kept_float": keep_float,
+    }

@@ -37,8 +37,9 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto",
-                    local_rank: int = 0) -> Runtime:
+def resolve_runtime(
+    device: str = "auto", precision: str = "auto", channels_last: str = "auto", local_rank: int = 0
+) -> Runtime:
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     try:
@@ -46,14 +47,16 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last
     except RuntimeError:
         raise SettingsError(f"setting 'device': '{device}' is not a device (auto, cpu, cuda or cuda:N)") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(f"setting 'device': '{device}' asked for, but no CUDA GPU is available here; "
-                            f"use --device cpu (or auto)")
+        raise SettingsError(
+            f"setting 'device': '{device}' asked for, but no CUDA GPU is available here; use --device cpu (or auto)"
+        )
     if precision == "auto":
         use_bf16 = torch.cuda.is_bf16_supported() if torch_device.type == "cuda" else cpu_has_fast_bf16()
     else:
         use_bf16 = precision == "bf16"
-    layout = channels_last == "on" or (channels_last == "auto" and (torch_device.type == "cuda" or
-                                                                   "avx512f" in cpu_flags() or use_bf16))
+    layout = channels_last == "on" or (
+        channels_last == "auto" and (torch_device.type == "cuda" or "avx512f" in cpu_flags() or use_bf16)
+    )
     return Runtime(torch_device, torch.bfloat16 if use_bf16 else None, layout)
 
 

@@ -1,5 +1,6 @@
 """Create any model by name through ``timm.create_model``, ours included, and say how it wants its
 input (size, mean/std, interpolation, crop), as timm's pretrained config does."""
+
 from __future__ import annotations
 
 import difflib
@@ -17,12 +18,20 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(SMALL_CNNS) + timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(f"unknown model '{name}'{hint} (ours: {', '.join(SMALL_CNNS)}; "
-                         f"or any name from timm.list_models())")
+        raise ModelError(
+            f"unknown model '{name}'{hint} (ours: {', '.join(SMALL_CNNS)}; or any name from timm.list_models())"
+        )
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False, drop_rate: float = 0.0,
-                 weights: str = "", download: bool = False) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    drop_rate: float = 0.0,
+    weights: str = "",
+    download: bool = False,
+) -> nn.Module:
     """A freshly initialised network with ``num_classes`` outputs, or one with pretrained weights
     (see :mod:`imgclf.models.pretrained`: offline first, the network only when allowed)."""
     check_model_name(name)
@@ -45,10 +54,14 @@ def is_scratch_model(name: str) -> bool:
     return name in SMALL_CNNS
 
 
-def preprocessing_for(model: nn.Module, name: str, image_size: int,
-                      mean: tuple[float, float, float] | None = None,
-                      std: tuple[float, float, float] | None = None,
-                      interpolation: str = "auto") -> Preprocessing:
+def preprocessing_for(
+    model: nn.Module,
+    name: str,
+    image_size: int,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    interpolation: str = "auto",
+) -> Preprocessing:
     """The input a model expects. Scratch models use the training split's mean/std (given here);
     timm models use their pretrained config (normalisation, crop) at ``image_size``.
     ``interpolation``: the resampling filter, or "auto" for the pretrained config's (bilinear for
@@ -58,9 +71,13 @@ def preprocessing_for(model: nn.Module, name: str, image_size: int,
             raise ModelError(f"{name} is trained from scratch: its mean and std come from the training split")
         return Preprocessing(image_size, tuple(mean), tuple(std), _filter(interpolation, "bilinear"), 1.0)
     config = timm.data.resolve_data_config({}, model=model)
-    return Preprocessing(image_size, tuple(config["mean"]), tuple(config["std"]),
-                         _filter(interpolation, config.get("interpolation", "bicubic")),
-                         float(config.get("crop_pct", 0.875)))
+    return Preprocessing(
+        image_size,
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        _filter(interpolation, config.get("interpolation", "bicubic")),
+        float(config.get("crop_pct", 0.875)),
+    )
 
 
 def _filter(setting: str, own: str) -> str:
@@ -101,7 +118,7 @@ def freeze_early_layers(model: nn.Module, max_reduction: int) -> int:
     if not ends:
         return 0
     frozen = 0
-    for name, param in list(model.named_parameters())[: ends[-1] + 1]:
+    for _name, param in list(model.named_parameters())[: ends[-1] + 1]:
         param.requires_grad_(False)
         frozen += 1
     return frozen

@@ -12,8 +12,9 @@ from imgclf.models.small_cnns import SmallCNN
 def make_head(in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Module:
     if hidden <= 0:
         return nn.Linear(in_features, num_classes)
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
 
 
 def classifier_name(model: nn.Module) -> str:

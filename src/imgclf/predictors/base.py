@@ -2,6 +2,7 @@
 ``predict_proba``, ``classes_``), the confidence threshold, and streaming many files with bad
 ones reported. A predictor supplies how one image becomes a model input (``_input``), how inputs
 are stacked (``_stack``) and how a batch becomes probabilities (``_proba_of_batch``)."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,11 @@ class FilePrediction:
     def to_dict(self) -> dict:
         if self.error:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in
-                                                                zip(self.labels, self.probs)]}
+        return {
+            "path": self.path,
+            "label": self.label,
+            "top": [{"label": lab, "prob": round(p, 6)} for lab, p in zip(self.labels, self.probs)],
+        }
 
 
 class BasePredictor:
@@ -94,8 +98,12 @@ class BasePredictor:
         items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         if not items:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return np.concatenate([self._proba_of_batch(self._stack([self._input(x) for x in items[i:i + self.batch_size]]))
-                               for i in range(0, len(items), self.batch_size)])
+        return np.concatenate(
+            [
+                self._proba_of_batch(self._stack([self._input(x) for x in items[i : i + self.batch_size]]))
+                for i in range(0, len(items), self.batch_size)
+            ]
+        )
 
     def predict(self, images, k: int = 1, min_confidence: float | str | None = None) -> np.ndarray:
         """Labels: shape (n,) for ``k=1``, else (n, k) ranked best first. With ``min_confidence``
@@ -115,14 +123,22 @@ class BasePredictor:
         if value == "auto":
             chosen = self.meta.get("threshold")
             if not chosen:
-                raise NoThresholdError("this model has no recommended threshold (it was not calibrated); "
-                                       "give --min-confidence a number instead")
+                raise NoThresholdError(
+                    "this model has no recommended threshold (it was not calibrated); "
+                    "give --min-confidence a number instead"
+                )
             return float(chosen["threshold"])
         return float(value)
 
-    def predict_files(self, paths: Iterable[str], k: int = 5, workers: int | None = None,
-                      min_confidence: float | str | None = None, events: Events | None = None,
-                      stop: StopToken | None = None) -> Iterator[FilePrediction]:
+    def predict_files(
+        self,
+        paths: Iterable[str],
+        k: int = 5,
+        workers: int | None = None,
+        min_confidence: float | str | None = None,
+        events: Events | None = None,
+        stop: StopToken | None = None,
+    ) -> Iterator[FilePrediction]:
         """Top-k for many files, in order, decoding the next batches while this one runs.
 
         A file that cannot be read gives a FilePrediction with ``error`` and the rest go on.
@@ -152,7 +168,11 @@ class BasePredictor:
                 order = np.argsort(-rows[index])[:k]
                 top = float(rows[index][order[0]])
                 label = str(self.classes_[order[0]]) if threshold is None or top >= threshold else UNKNOWN
-                yield FilePrediction(paths[index], [str(self.classes_[j]) for j in order],
-                                     [float(rows[index][j]) for j in order], label=label)
+                yield FilePrediction(
+                    paths[index],
+                    [str(self.classes_[j]) for j in order],
+                    [float(rows[index][j]) for j in order],
+                    label=label,
+                )
             tracker.advance(len(chunk))
             stop.check()

@@ -7,6 +7,7 @@ Which engine runs the model is decided by measurement: ``imgclf export`` times O
 OpenVINO on the check images and checks OpenVINO's top-1 against fp32, and ``choose_backend``
 follows that record only on a CPU with the same capabilities as the one measured.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,14 @@ class OnnxClassifier(BasePredictor):
 
     backend = "onnx"
 
-    def __init__(self, folder: str | os.PathLike, int8: bool = False, batch_size: int = PREDICT_BATCH_SIZE,
-                 threads: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        int8: bool = False,
+        batch_size: int = PREDICT_BATCH_SIZE,
+        threads: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         folder = Path(folder)
         self.meta = onnx_meta(folder)
         name = INT8_FILE if int8 else FP32_FILE
@@ -143,7 +150,7 @@ class OpenVinoClassifier(OnnxClassifier):
 
 
 def choose_backend(folder: str | os.PathLike) -> str:
-    """"openvino" where export measured it faster than ONNX Runtime and in agreement with fp32 on
+    """ "openvino" where export measured it faster than ONNX Runtime and in agreement with fp32 on
     a CPU with these same capabilities, and it is installed; otherwise "onnx"."""
     record = onnx_meta(Path(folder)).get("onnx", {}).get("openvino", {})
     if not record.get("recommended"):
@@ -154,15 +161,22 @@ def choose_backend(folder: str | os.PathLike) -> str:
         return "onnx"
 
 
-def load_onnx(folder: str | os.PathLike, int8: bool = False, batch_size: int = PREDICT_BATCH_SIZE,
-              backend: str = "onnx", max_pixels: int = DEFAULT_MAX_PIXELS) -> OnnxClassifier:
+def load_onnx(
+    folder: str | os.PathLike,
+    int8: bool = False,
+    batch_size: int = PREDICT_BATCH_SIZE,
+    backend: str = "onnx",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> OnnxClassifier:
     """Load an exported ONNX bundle folder (``RUN_DIR/onnx`` by default) for prediction, on ONNX
     Runtime (``backend="onnx"``), OpenVINO ("openvino") or whichever export measured best ("auto")."""
     if backend == "auto":
         backend = "onnx" if int8 else choose_backend(folder)
     if backend == "openvino":
         if int8:
-            raise BackendError("the int8 model runs on ONNX Runtime; the OpenVINO backend runs the fp32 export "
-                               "(in bf16 where the CPU has it): use --backend onnx with --int8")
+            raise BackendError(
+                "the int8 model runs on ONNX Runtime; the OpenVINO backend runs the fp32 export "
+                "(in bf16 where the CPU has it): use --backend onnx with --int8"
+            )
         return OpenVinoClassifier(folder, batch_size=batch_size, max_pixels=max_pixels)
     return OnnxClassifier(folder, int8=int8, batch_size=batch_size, max_pixels=max_pixels)

@@ -24,8 +24,14 @@ class Classifier(BasePredictor):
 
     backend = "torch"
 
-    def __init__(self, bundle: Bundle, device: str = "auto", precision: str = "auto",
-                 batch_size: int = PREDICT_BATCH_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = PREDICT_BATCH_SIZE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.runtime = resolve_runtime(device, precision, "auto")
         self.model = bundle.model.to(self.runtime.device, memory_format=self.runtime.memory_format).eval()
         self.meta = bundle.meta
@@ -50,7 +56,12 @@ class Classifier(BasePredictor):
         return torch.softmax(torch.from_numpy(self.logits_of_batch(batch)) / self.temperature, dim=1).numpy()
 
 
-def load_torch(path: str | os.PathLike, device: str = "auto", precision: str = "auto",
-               batch_size: int = PREDICT_BATCH_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Classifier:
+def load_torch(
+    path: str | os.PathLike,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = PREDICT_BATCH_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Classifier:
     """A run folder or model bundle as a :class:`Classifier` (weights only from safetensors)."""
     return Classifier(load_bundle(Path(path)), device, precision, batch_size, max_pixels)

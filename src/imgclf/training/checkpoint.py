@@ -5,6 +5,7 @@ saving leaves the previous checkpoint whole.
 Any nested state (model, optimizer, scheduler, RNG states, counters) is split into a flat map
 of tensors and a JSON tree in which each tensor is replaced by ``{"__tensor__": key}``.
 """
+
 from __future__ import annotations
 
 import json

@@ -43,12 +43,13 @@ def validate_for_training(samples: list[Sample], skipped_files: int = 0) -> list
     if len(counts) < 2:
         found = f"only '{next(iter(counts))}'" if counts else "none"
         left_out = f" ({skipped_files} files were skipped: see audit.json or imgclf check)" if skipped_files else ""
-        raise DataError(f"need at least 2 classes with usable images to train a classifier, found {found}"
-                        f"{left_out}")
+        raise DataError(f"need at least 2 classes with usable images to train a classifier, found {found}{left_out}")
     lonely = sorted(label for label, n in counts.items() if n < 2)
     if lonely:
-        raise DataError(f"classes with a single usable image cannot be split for training and testing: "
-                        f"{', '.join(lonely)}; add images or remove these folders")
+        raise DataError(
+            f"classes with a single usable image cannot be split for training and testing: "
+            f"{', '.join(lonely)}; add images or remove these folders"
+        )
     train_counts = Counter(s.label for s in samples if s.split == "train")
     missing = sorted(label for label in counts if not train_counts.get(label))
     if missing:
@@ -56,8 +57,9 @@ def validate_for_training(samples: list[Sample], skipped_files: int = 0) -> list
     return sorted(counts)
 
 
-def prepare_data(source: str, settings: Settings, run: RunDir, ranks: Distributed, events: Events,
-                 stop: StopToken) -> RunData:
+def prepare_data(
+    source: str, settings: Settings, run: RunDir, ranks: Distributed, events: Events, stop: StopToken
+) -> RunData:
     """Scan and audit the source, split it, and write split.csv and audit.json into the run folder."""
     report = audit(scan(source), settings.data, settings.system, events, stop)
     if ranks.is_main:
@@ -66,8 +68,11 @@ def prepare_data(source: str, settings: Settings, run: RunDir, ranks: Distribute
             skipped(events, problem["path"], problem["reason"])
         leaks = [d for d in report.duplicates if d["kind"] in ("across_splits", "conflicting_labels")]
         if leaks:
-            warn(events, f"{len(leaks)} duplicate image(s) across splits or labels (see audit.json)",
-                 str(run / RunDir.AUDIT))
+            warn(
+                events,
+                f"{len(leaks)} duplicate image(s) across splits or labels (see audit.json)",
+                str(run / RunDir.AUDIT),
+            )
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
     samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
     classes = validate_for_training(samples, len(report.problems))
@@ -87,7 +92,7 @@ def use_memory_cache(setting: str, n_train: int, n_eval: int, prep: Preprocessin
     if setting != "auto":
         return setting == "ram"
     side = prep.resize_size
-    needed = n_train * 3 * side * side * 1.4 + n_eval * 3 * prep.image_size ** 2
+    needed = n_train * 3 * side * side * 1.4 + n_eval * 3 * prep.image_size**2
     return needed < available_memory_bytes() / 3
 
 
@@ -100,8 +105,15 @@ def worker_count(setting: int, cached: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _cached_dataset(samples: list[Sample], targets: list[int], prep: Preprocessing, train: bool, cache: bool,
-                    stage: str, ctx: tuple[Events, StopToken, int]) -> tuple[list[Sample], list[int], list | None]:
+def _cached_dataset(
+    samples: list[Sample],
+    targets: list[int],
+    prep: Preprocessing,
+    train: bool,
+    cache: bool,
+    stage: str,
+    ctx: tuple[Events, StopToken, int],
+) -> tuple[list[Sample], list[int], list | None]:
     """Decode into memory (dropping files that fail, each reported) or leave decoding to the loader."""
     if not cache:
         return samples, targets, None
@@ -128,27 +140,50 @@ class Loaders:
     train_dataset: ImageDataset
 
 
-def build_loaders(run_data: RunData, prep: Preprocessing, settings: Settings, ranks: Distributed,
-                  events: Events, stop: StopToken) -> Loaders:
+def build_loaders(
+    run_data: RunData, prep: Preprocessing, settings: Settings, ranks: Distributed, events: Events, stop: StopToken
+) -> Loaders:
     t, system = settings.train, settings.system
     train_samples, val_samples = run_data.split("train"), run_data.split("val")
     cache = use_memory_cache(system.cache, len(train_samples), len(val_samples), prep)
     ctx = (events, stop, system.max_pixels)
     train_samples, train_targets, train_cache = _cached_dataset(
-        train_samples, run_data.targets(train_samples), prep, True, cache, "decode train", ctx)
+        train_samples, run_data.targets(train_samples), prep, True, cache, "decode train", ctx
+    )
     val_samples, val_targets, val_cache = _cached_dataset(
-        val_samples, run_data.targets(val_samples), prep, False, cache, "decode val", ctx)
-    train_set = ImageDataset(train_samples, train_targets, prep, True, train_augmentation(t.augment, prep),
-                             t.seed, train_cache, system.max_pixels)
+        val_samples, run_data.targets(val_samples), prep, False, cache, "decode val", ctx
+    )
+    train_set = ImageDataset(
+        train_samples,
+        train_targets,
+        prep,
+        True,
+        train_augmentation(t.augment, prep),
+        t.seed,
+        train_cache,
+        system.max_pixels,
+    )
     sampler = EpochSampler(len(train_set), t.seed, True, ranks.rank, ranks.world_size)
     workers = worker_count(system.workers, cache)
     drop_last = len(train_set) // ranks.world_size > t.batch_size  # no 1-image batches for batch norm
-    train_loader = DataLoader(train_set, t.batch_size, sampler=sampler, num_workers=workers,
-                              collate_fn=collate_skip_bad, drop_last=drop_last,
-                              pin_memory=torch.cuda.is_available(), generator=_own_generator(t.seed))
+    train_loader = DataLoader(
+        train_set,
+        t.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skip_bad,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        generator=_own_generator(t.seed),
+    )
     val_loader = None
     if val_samples:
         val_set = ImageDataset(val_samples, val_targets, prep, False, cache=val_cache, max_pixels=system.max_pixels)
-        val_loader = DataLoader(val_set, t.batch_size * 2, num_workers=workers, collate_fn=collate_skip_bad,
-                                generator=_own_generator(t.seed))
+        val_loader = DataLoader(
+            val_set,
+            t.batch_size * 2,
+            num_workers=workers,
+            collate_fn=collate_skip_bad,
+            generator=_own_generator(t.seed),
+        )
     return Loaders(train_loader, sampler, val_loader, train_set)

@@ -1,5 +1,6 @@
 """One code path for 1 or N processes, keyed on RANK / LOCAL_RANK / WORLD_SIZE (as torchrun sets
 them), in the manner of nanoGPT and torchvision's ``init_distributed_mode``."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ inference, run on the fastest path the machine has (channels_last + bf16 autocas
 has AMX/AVX-512-BF16, detected). View 0 is the centre crop; views 1..K are seeded augmentations
 ("distortions" in TensorFlow's retrain.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,13 +54,15 @@ class FeatureStore:
         hashes = list(self.vectors)
         stacked = torch.stack([self.vectors[h] for h in hashes]).contiguous()
         # one file, the hashes in its header: vectors and their keys can never disagree
-        atomic_write(self.path, lambda temp: save_file({"features": stacked}, temp,
-                                                       metadata={"hashes": json.dumps(hashes)}))
+        atomic_write(
+            self.path, lambda temp: save_file({"features": stacked}, temp, metadata={"hashes": json.dumps(hashes)})
+        )
         self.dirty = False
 
 
-def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, view: int, seed: int,
-                 events: Events, max_pixels: int):
+def _view_loader(
+    samples: list[Sample], hashes: list[str], prep: Preprocessing, view: int, seed: int, events: Events, max_pixels: int
+):
     augment = train_augmentation("light", prep) if view else None
 
     def load(index: int) -> torch.Tensor | None:
@@ -74,21 +77,31 @@ def _view_loader(samples: list[Sample], hashes: list[str], prep: Preprocessing, 
             # seeded by content, so a cached view never depends on what else was extracted with it
             torch.manual_seed((int(hashes[index][:12], 16) + 1_000_003 * view + seed) & 0x7FFF_FFFF_FFFF)
             return augment(train_cache_tensor(image, prep))
+
     return load
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, samples: list[Sample], hashes: list[str], store: FeatureStore,
-                     prep: Preprocessing, runtime: Runtime, events: Events, stop: StopToken, view: int = 0,
-                     seed: int = 0, batch_size: int = PREDICT_BATCH_SIZE,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[int]]:
+def extract_features(
+    model: nn.Module,
+    samples: list[Sample],
+    hashes: list[str],
+    store: FeatureStore,
+    prep: Preprocessing,
+    runtime: Runtime,
+    events: Events,
+    stop: StopToken,
+    view: int = 0,
+    seed: int = 0,
+    batch_size: int = PREDICT_BATCH_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, list[int]]:
     """Features (float32) for the samples that decode, and their indices; cached ones are reused.
     A stop saves the features computed so far (a rerun starts where this one ended) and raises Stopped."""
     model.eval()
     todo = [i for i, h in enumerate(hashes) if h not in store.vectors]
     if todo:
-        load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed, events,
-                            max_pixels)
+        load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed, events, max_pixels)
         tracker = Tracker(events, f"features (view {view})", len(todo))
         try:
             for chunk, positions, batch in prefetch_batches(len(todo), load, batch_size):

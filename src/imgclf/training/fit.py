@@ -28,8 +28,14 @@ from imgclf.training.data_setup import Loaders, build_loaders
 from imgclf.training.distributed import broadcast_flag, init_distributed, unwrap, wrap_model
 from imgclf.training.head import HeadFit, class_weights
 from imgclf.training.job import Job, load_job, prepare_job
-from imgclf.training.loop import (EpochProgress, NonFiniteLossError, TrainStep, evaluate_logits, summarize_logits,
-                                  train_one_epoch)
+from imgclf.training.loop import (
+    EpochProgress,
+    NonFiniteLossError,
+    TrainStep,
+    evaluate_logits,
+    summarize_logits,
+    train_one_epoch,
+)
 from imgclf.training.state import HISTORY_FIELDS, RunState, checkpoint_state, restore_state, write_history
 from imgclf.training.transfer import SplitFeatures, fit_transfer_head, use_class_weights
 
@@ -46,8 +52,15 @@ class TrainResult:
     logits: dict | None = field(default=None, repr=False)
 
 
-def train(source: str | None, out: str, settings: Settings | dict | None = None, *, events: Events | None = None,
-          stop: StopToken | None = None, resume: bool = False) -> TrainResult:
+def train(
+    source: str | None,
+    out: str,
+    settings: Settings | dict | None = None,
+    *,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train a classifier on ``source`` into the run folder ``out``, or continue it (``resume``)."""
     ranks = init_distributed()
     events = channel(events) if ranks.is_main else ignore  # the one guard: only rank 0 reports
@@ -59,8 +72,9 @@ def train(source: str | None, out: str, settings: Settings | dict | None = None,
             job, model = prepare_job(source, run, as_settings(settings), ranks, events, stop)
         model = model.to(job.runtime.device, memory_format=job.runtime.memory_format)
         if job.mode in ("head", "finetune") and not run.has_checkpoint:
-            fit, features = fit_transfer_head(model, job.data, job.settings, job.prep, job.runtime, job.source,
-                                              events, stop)
+            fit, features = fit_transfer_head(
+                model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop
+            )
             if ranks.is_main:
                 run.update_run(head=head_info(model, job.settings.model.head_hidden))
             if job.mode == "head":
@@ -81,11 +95,15 @@ def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
     groups = []
     for is_head in (False, True):
         scale = 1.0 if is_head or t.mode != "finetune" else t.backbone_lr_scale
-        params = [(n, p) for n, p in unwrap(model).named_parameters()
-                  if p.requires_grad and n.startswith(head_prefix) == is_head]
-        groups += [{"params": [p for _, p in params if p.ndim > 1], "weight_decay": t.weight_decay,
-                    "lr": t.lr * scale},
-                   {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * scale}]
+        params = [
+            (n, p)
+            for n, p in unwrap(model).named_parameters()
+            if p.requires_grad and n.startswith(head_prefix) == is_head
+        ]
+        groups += [
+            {"params": [p for _, p in params if p.ndim > 1], "weight_decay": t.weight_decay, "lr": t.lr * scale},
+            {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * scale},
+        ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
 
 
@@ -109,26 +127,38 @@ def _scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, settings:
 
 def _bundle_meta(job: Job, model: nn.Module, row: dict) -> dict:
     depth = max(label.count(LEVEL_SEP) + 1 for label in job.data.classes)
-    return {"architecture": job.settings.model.model, "classes": job.data.classes, "mode": job.mode,
-            "head": head_info(unwrap(model), job.settings.model.head_hidden),
-            "hierarchy": {"separator": LEVEL_SEP, "depth": depth} if depth > 1 else None,
-            "preprocessing": job.prep.to_dict(), "settings": job.settings.to_dict(),
-            "epoch": row["epoch"], "metrics": {"val_loss": row["val_loss"], "val_top1": row["val_top1"],
-                                               "val_top5": row["val_top5"]}}
+    return {
+        "architecture": job.settings.model.model,
+        "classes": job.data.classes,
+        "mode": job.mode,
+        "head": head_info(unwrap(model), job.settings.model.head_hidden),
+        "hierarchy": {"separator": LEVEL_SEP, "depth": depth} if depth > 1 else None,
+        "preprocessing": job.prep.to_dict(),
+        "settings": job.settings.to_dict(),
+        "epoch": row["epoch"],
+        "metrics": {"val_loss": row["val_loss"], "val_top1": row["val_top1"], "val_top5": row["val_top5"]},
+    }
 
 
 def _epoch_row(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress, ctx: dict) -> dict:
     val = {"loss": math.nan, "top1": math.nan, "top5": math.nan}
     if loaders.val is not None:
-        logits, targets = evaluate_logits(unwrap(step.model), loaders.val, step.runtime, step.prep,
-                                          ctx["events"], step.reported)
+        logits, targets = evaluate_logits(
+            unwrap(step.model), loaders.val, step.runtime, step.prep, ctx["events"], step.reported
+        )
         val = summarize_logits(logits, targets, step.loss_fn)
     summary = progress.summary()
-    return {"epoch": state.epoch + 1, "train_loss": round(summary["train_loss"], 5),
-            "train_acc": round(summary["train_acc"], 5), "val_loss": round(val["loss"], 5),
-            "val_top1": round(val["top1"], 5), "val_top5": round(val["top5"], 5),
-            "lr": step.optimizer.param_groups[0]["lr"], "seconds": round(progress.seconds, 2),
-            "images_per_s": round(summary["images_per_s"], 1)}
+    return {
+        "epoch": state.epoch + 1,
+        "train_loss": round(summary["train_loss"], 5),
+        "train_acc": round(summary["train_acc"], 5),
+        "val_loss": round(val["loss"], 5),
+        "val_top1": round(val["top1"], 5),
+        "val_top5": round(val["top5"], 5),
+        "lr": step.optimizer.param_groups[0]["lr"],
+        "seconds": round(progress.seconds, 2),
+        "images_per_s": round(summary["images_per_s"], 1),
+    }
 
 
 def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress, ctx: dict) -> bool:
@@ -166,16 +196,28 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
         if progress.step == 0:  # each epoch's dropout/RNG stream depends only on (seed, epoch)
             torch.manual_seed(t.seed * 7919 + state.epoch)
         loaders.sampler.set_epoch(state.epoch, skip=progress.step * t.batch_size)
-        progress, interrupted = train_one_epoch(step, loaders.train, progress, ctx["stop"], state.epoch, epochs,
-                                                ctx["events"], t.max_steps, state.global_step)
+        progress, interrupted = train_one_epoch(
+            step,
+            loaders.train,
+            progress,
+            ctx["stop"],
+            state.epoch,
+            epochs,
+            ctx["events"],
+            t.max_steps,
+            state.global_step,
+        )
         if broadcast_flag(interrupted, job.ranks):
             state.progress = progress
             if job.ranks.is_main:
                 save_checkpoint(checkpoint_state(step, state), job.run / RunDir.CHECKPOINT)
             return "stopped"
         if _end_of_epoch(step, loaders, state, progress, ctx):
-            info(ctx["events"], f"early stop: validation loss has not improved for {t.patience} epochs "
-                                f"(best at epoch {state.best_epoch})")
+            info(
+                ctx["events"],
+                f"early stop: validation loss has not improved for {t.patience} epochs "
+                f"(best at epoch {state.best_epoch})",
+            )
             return "early-stopped"
     return "finished"
 
@@ -206,11 +248,18 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
     step = _build_step(wrap_model(model, job.ranks, job.runtime.device), job, loaders)
     resuming = run.has_checkpoint
     state = restore_state(step, run / RunDir.CHECKPOINT) if resuming else RunState()
-    info(events, f"training {job.settings.model.model} ({job.mode}) on {len(loaders.train_dataset)} images, "
-                 f"{len(job.data.classes)} classes ({job.runtime.describe()})"
-                 f"{f', resuming at epoch {state.epoch + 1}' if resuming else ''}")
-    ctx = {"job": job, "events": events, "stop": stop,
-           "writer": SummaryWriter(str(run / RunDir.TENSORBOARD)) if job.ranks.is_main else None}
+    info(
+        events,
+        f"training {job.settings.model.model} ({job.mode}) on {len(loaders.train_dataset)} images, "
+        f"{len(job.data.classes)} classes ({job.runtime.describe()})"
+        f"{f', resuming at epoch {state.epoch + 1}' if resuming else ''}",
+    )
+    ctx = {
+        "job": job,
+        "events": events,
+        "stop": stop,
+        "writer": SummaryWriter(str(run / RunDir.TENSORBOARD)) if job.ranks.is_main else None,
+    }
     started = time.perf_counter()
     try:
         status = _run_epochs(step, loaders, state, ctx)
@@ -219,15 +268,20 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
             run.update_run(status="failed", message=str(exc))
         raise TrainError(f"{exc}. The best model so far (epoch {state.best_epoch}) is kept in {run}.") from None
     except torch.OutOfMemoryError:
-        raise TrainError(f"out of memory with batch size {t.batch_size}; try --batch-size "
-                         f"{max(1, t.batch_size // 2)}") from None
+        raise TrainError(
+            f"out of memory with batch size {t.batch_size}; try --batch-size {max(1, t.batch_size // 2)}"
+        ) from None
     finally:
         if ctx["writer"] is not None:
             ctx["writer"].close()
     result = TrainResult(str(run), "stopped" if status == "stopped" else "finished", state.epoch, state.best_epoch)
     if job.ranks.is_main:
-        run.update_run(status=result.status, epochs_done=state.epoch, best_epoch=state.best_epoch,
-                       train_seconds=round(time.perf_counter() - started, 1))
+        run.update_run(
+            status=result.status,
+            epochs_done=state.epoch,
+            best_epoch=state.best_epoch,
+            train_seconds=round(time.perf_counter() - started, 1),
+        )
         if status == "stopped":
             info(events, f"stopped with a checkpoint; continue with: imgclf train --resume {run}")
     return result
@@ -237,9 +291,17 @@ def _finish_head(job: Job, model: nn.Module, fit: HeadFit, features: dict[str, S
     """Head mode: the fitted head is the model. Save it like a trained epoch, and hand on its
     logits on the val and test features for evaluation (the head applied to them gives the
     model's logits, so the backbone need not run again)."""
-    row = {"epoch": 1, "train_loss": round(fit.train_loss, 5), "train_acc": round(fit.train_acc, 5),
-           "val_loss": round(fit.val_loss, 5), "val_top1": round(fit.val_top1, 5), "val_top5": math.nan,
-           "lr": math.nan, "seconds": math.nan, "images_per_s": math.nan}
+    row = {
+        "epoch": 1,
+        "train_loss": round(fit.train_loss, 5),
+        "train_acc": round(fit.train_acc, 5),
+        "val_loss": round(fit.val_loss, 5),
+        "val_top1": round(fit.val_top1, 5),
+        "val_top5": math.nan,
+        "lr": math.nan,
+        "seconds": math.nan,
+        "images_per_s": math.nan,
+    }
     result = TrainResult(str(job.run), "finished", 1, 1)
     if not job.ranks.is_main:
         return result
@@ -249,6 +311,9 @@ def _finish_head(job: Job, model: nn.Module, fit: HeadFit, features: dict[str, S
     job.run.update_run(status="finished", epochs_done=1, best_epoch=1)
     head = fit.head.cpu().eval()
     with torch.no_grad():
-        result.logits = {split: (head(f.x).numpy(), f.samples) for split, f in features.items()
-                         if split != "train" and len(f.samples)}
+        result.logits = {
+            split: (head(f.x).numpy(), f.samples)
+            for split, f in features.items()
+            if split != "train" and len(f.samples)
+        }
     return result

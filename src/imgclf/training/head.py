@@ -5,6 +5,7 @@ its L2 strength chosen on the validation split; the MLP head is trained with Ada
 validation step kept. Standardisation is folded back into the first layer, so the head applies
 to the backbone's raw features exactly as the model's own classifier does.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,14 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Mod
     return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
-def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, loss_fn: nn.Module,
-                seed: int) -> nn.Linear:
+def _fit_linear(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, loss_fn: nn.Module, seed: int
+) -> nn.Linear:
     torch.manual_seed(seed)
     head = nn.Linear(x.shape[1], num_classes)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -67,8 +70,17 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, l
     return head
 
 
-def _fit_mlp(x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor, num_classes: int,
-             hidden: int, loss_fn: nn.Module, seed: int, steps: int = 200) -> nn.Module:
+def _fit_mlp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+    num_classes: int,
+    hidden: int,
+    loss_fn: nn.Module,
+    seed: int,
+    steps: int = 200,
+) -> nn.Module:
     torch.manual_seed(seed)
     head = make_head(x.shape[1], num_classes, hidden)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
@@ -77,7 +89,7 @@ def _fit_mlp(x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torch.Tenso
         head.train()
         order = torch.randperm(len(x))
         for start in range(0, len(x), 256):
-            batch = order[start:start + 256]
+            batch = order[start : start + 256]
             optimizer.zero_grad()
             loss_fn(head(x[batch]), y[batch]).backward()
             optimizer.step()
@@ -90,20 +102,33 @@ def _fit_mlp(x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torch.Tenso
     return head
 
 
-def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-             num_classes: int, *, hidden: int = 0, weights: torch.Tensor | None = None,
-             label_smoothing: float = 0.1, seed: int = 0) -> HeadFit:
+def fit_head(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    *,
+    hidden: int = 0,
+    weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.1,
+    seed: int = 0,
+) -> HeadFit:
     """Fit a head on features; the L2 strength (linear) or stopping step (MLP) is chosen on val."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     x, vx = (train_x - mean) / std, (val_x - mean) / std
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
     have_val = len(val_y) > 0
     if hidden > 0:
-        head, l2 = _fit_mlp(x, train_y, vx if have_val else x, val_y if have_val else train_y, num_classes,
-                            hidden, loss_fn, seed), 0.0
+        head, l2 = (
+            _fit_mlp(
+                x, train_y, vx if have_val else x, val_y if have_val else train_y, num_classes, hidden, loss_fn, seed
+            ),
+            0.0,
+        )
     else:
         fits = []
-        for l2 in (L2_GRID if have_val else (1e-3,)):
+        for l2 in L2_GRID if have_val else (1e-3,):
             head = _fit_linear(x, train_y, num_classes, l2, loss_fn, seed)
             score = _evaluate(head, vx, val_y, loss_fn)[0] if have_val else 0.0
             fits.append((score, l2, head))

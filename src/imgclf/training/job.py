@@ -18,8 +18,13 @@ from imgclf.core.settings import Settings, apply_overrides, from_dict, resume_ov
 from imgclf.data.dataset import decode_all
 from imgclf.data.transforms import eval_tensor, measure_mean_std
 from imgclf.models.device import Runtime, resolve_runtime
-from imgclf.models.factory import (create_model, is_scratch_model, preprocessing_for, resolve_image_size,
-                                   resolve_pretrained)
+from imgclf.models.factory import (
+    create_model,
+    is_scratch_model,
+    preprocessing_for,
+    resolve_image_size,
+    resolve_pretrained,
+)
 from imgclf.models.heads import install_saved_head
 from imgclf.training.data_setup import RunData, prepare_data, reload_data
 from imgclf.training.distributed import Distributed
@@ -53,20 +58,26 @@ def _create(settings: Settings, classes: list[str], with_pretrained: bool) -> tu
     m = settings.model
     torch.manual_seed(settings.train.seed)
     pretrained = resolve_pretrained(m.pretrained, m.model, m.weights, m.download)
-    model = create_model(m.model, len(classes), pretrained=pretrained and with_pretrained, drop_rate=m.drop_rate,
-                         weights=m.weights, download=m.download)
+    model = create_model(
+        m.model,
+        len(classes),
+        pretrained=pretrained and with_pretrained,
+        drop_rate=m.drop_rate,
+        weights=m.weights,
+        download=m.download,
+    )
     return model, pretrained
 
 
-def prepare_job(source: str | None, run: RunDir, settings: Settings, ranks: Distributed, events: Events,
-                stop: StopToken) -> tuple[Job, nn.Module]:
+def prepare_job(
+    source: str | None, run: RunDir, settings: Settings, ranks: Distributed, events: Events, stop: StopToken
+) -> tuple[Job, nn.Module]:
     """Audit and split the data, build the network, turn every "auto" into a decision (said in the
     log), and record all of it in the run folder."""
     if source is None:
         raise TrainError("no data given: pass a folder of class folders, a CSV or IDX files")
     if run.is_run:
-        raise TrainError(f"{run} already holds a run ({run.status}); continue it with --resume or choose "
-                         f"another --out")
+        raise TrainError(f"{run} already holds a run ({run.status}); continue it with --resume or choose another --out")
     run.path.mkdir(parents=True, exist_ok=True)
     runtime = _runtime(settings, ranks)
     run_data = prepare_data(source, settings, run, ranks, events, stop)
@@ -76,18 +87,22 @@ def prepare_job(source: str | None, run: RunDir, settings: Settings, ranks: Dist
     source = str(Path(source).resolve())
     if ranks.is_main:
         run.write_json(RunDir.SETTINGS, settings.to_dict())
-        run.write_json(RunDir.RUN, {"data": source, "classes": run_data.classes, "preprocessing": prep.to_dict(),
-                                    "status": "running"})
+        run.write_json(
+            RunDir.RUN,
+            {"data": source, "classes": run_data.classes, "preprocessing": prep.to_dict(), "status": "running"},
+        )
     return Job(run, settings, run_data, prep, source, ranks, runtime), model
 
 
-def load_job(run: RunDir, overrides: Settings | dict | None, ranks: Distributed,
-             events: Events) -> tuple[Job, nn.Module]:
+def load_job(
+    run: RunDir, overrides: Settings | dict | None, ranks: Distributed, events: Events
+) -> tuple[Job, nn.Module]:
     """The run as it was recorded. Only the system settings may change; other overrides are
     named as ignored."""
     if not run.is_run:
-        raise TrainError(f"{run}: no run to resume here (no {RunDir.RUN}); start one with imgclf train DATA "
-                         f"--out {run}")
+        raise TrainError(
+            f"{run}: no run to resume here (no {RunDir.RUN}); start one with imgclf train DATA --out {run}"
+        )
     if run.status == "finished":
         raise TrainError(f"{run}: this run has finished (its model is there); to train again choose another --out")
     saved = from_dict(run.read_json(RunDir.SETTINGS))
@@ -96,8 +111,11 @@ def load_job(run: RunDir, overrides: Settings | dict | None, ranks: Distributed,
     if settings.system != saved.system and ranks.is_main:
         run.write_json(RunDir.SETTINGS, settings.to_dict())  # the record says how the run went on
     if ignored:
-        warn(events, f"a resumed run keeps its own settings; ignored: {', '.join(ignored)} "
-                     f"(only the system settings, such as --device or --threads, may change)")
+        warn(
+            events,
+            f"a resumed run keeps its own settings; ignored: {', '.join(ignored)} "
+            f"(only the system settings, such as --device or --threads, may change)",
+        )
     record = run.read_run()
     run_data = reload_data(run)
     runtime = _runtime(settings, ranks)
@@ -108,18 +126,26 @@ def load_job(run: RunDir, overrides: Settings | dict | None, ranks: Distributed,
     return Job(run, settings, run_data, prep, record["data"], ranks, runtime), model
 
 
-def _resolve(settings: Settings, model: nn.Module, pretrained: bool, runtime: Runtime, run_data: RunData,
-             events: Events) -> Settings:
+def _resolve(
+    settings: Settings, model: nn.Module, pretrained: bool, runtime: Runtime, run_data: RunData, events: Events
+) -> Settings:
     """Turn every "auto" into what this run uses, and say why."""
     m = settings.model
     mode, why = resolve_mode(settings, pretrained, runtime, len(run_data.split("train")), len(run_data.classes))
     info(events, f"mode: {mode} ({why})")
-    return apply_overrides(settings, {"pretrained": "on" if pretrained else "off", "mode": mode,
-                                      "image_size": resolve_image_size(m.image_size, m.model, model)})
+    return apply_overrides(
+        settings,
+        {
+            "pretrained": "on" if pretrained else "off",
+            "mode": mode,
+            "image_size": resolve_image_size(m.image_size, m.model, model),
+        },
+    )
 
 
-def _preprocessing(model: nn.Module, settings: Settings, run_data: RunData, events: Events,
-                   stop: StopToken) -> Preprocessing:
+def _preprocessing(
+    model: nn.Module, settings: Settings, run_data: RunData, events: Events, stop: StopToken
+) -> Preprocessing:
     """The model's input config. Scratch models get the training split's mean/std, measured once."""
     m = settings.model
     if not is_scratch_model(m.model):
@@ -127,7 +153,14 @@ def _preprocessing(model: nn.Module, settings: Settings, run_data: RunData, even
     decode_prep = preprocessing_for(model, m.model, m.image_size, (0.5,) * 3, (0.5,) * 3, m.interpolation)
     train = run_data.split("train")
     sample = train[:: max(1, len(train) // 500)]
-    tensors, _ = decode_all(sample, lambda im: eval_tensor(im, decode_prep), decode_prep, "measure mean/std",
-                            events, stop, settings.system.max_pixels)
+    tensors, _ = decode_all(
+        sample,
+        lambda im: eval_tensor(im, decode_prep),
+        decode_prep,
+        "measure mean/std",
+        events,
+        stop,
+        settings.system.max_pixels,
+    )
     mean, std = measure_mean_std([t for t in tensors if t is not None])
     return replace(decode_prep, mean=mean, std=std)

@@ -31,8 +31,11 @@ class EpochProgress:
 
     def summary(self) -> dict:
         seen = max(self.seen, 1)
-        return {"train_loss": self.loss_sum / seen, "train_acc": self.correct / seen,
-                "images_per_s": self.seen / max(self.seconds, 1e-9)}
+        return {
+            "train_loss": self.loss_sum / seen,
+            "train_acc": self.correct / seen,
+            "images_per_s": self.seen / max(self.seconds, 1e-9),
+        }
 
 
 @dataclass
@@ -64,8 +67,17 @@ def _train_mode(step: TrainStep) -> None:
                 module.eval()
 
 
-def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: StopToken, epoch: int, epochs: int,
-                    events: Events, max_steps: int = 0, global_step: int = 0) -> tuple[EpochProgress, bool]:
+def train_one_epoch(
+    step: TrainStep,
+    loader,
+    progress: EpochProgress,
+    stop: StopToken,
+    epoch: int,
+    epochs: int,
+    events: Events,
+    max_steps: int = 0,
+    global_step: int = 0,
+) -> tuple[EpochProgress, bool]:
     """Train over ``loader`` from ``progress.step`` on. Returns the totals and whether the epoch
     ended early (the stop token was set or ``max_steps`` reached), always after a whole step."""
     _train_mode(step)
@@ -79,8 +91,10 @@ def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: Stop
             _optimisation_step(step, images, targets, progress, epoch)
         progress.seconds += time.perf_counter() - started
         started = time.perf_counter()
-        tracker.advance(loss=round(progress.loss_sum / max(progress.seen, 1), 4),
-                        images_per_s=round(progress.seen / max(progress.seconds, 1e-9), 1))
+        tracker.advance(
+            loss=round(progress.loss_sum / max(progress.seen, 1), 4),
+            images_per_s=round(progress.seen / max(progress.seconds, 1e-9), 1),
+        )
         if stop.is_set() or (max_steps and global_step + progress.step >= max_steps):
             interrupted = True
             break
@@ -89,8 +103,9 @@ def train_one_epoch(step: TrainStep, loader, progress: EpochProgress, stop: Stop
     return progress, interrupted
 
 
-def _optimisation_step(step: TrainStep, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress,
-                       epoch: int) -> None:
+def _optimisation_step(
+    step: TrainStep, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress, epoch: int
+) -> None:
     targets = targets.to(step.runtime.device, non_blocking=True)
     with step.runtime.autocast():
         logits = step.model(model_input(images, step.runtime, step.prep))
@@ -98,7 +113,8 @@ def _optimisation_step(step: TrainStep, images: torch.Tensor, targets: torch.Ten
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError(
             f"loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1}; the model was not updated "
-            f"with it. Try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})")
+            f"with it. Try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})"
+        )
     step.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     step.optimizer.step()
@@ -110,8 +126,9 @@ def _optimisation_step(step: TrainStep, images: torch.Tensor, targets: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_logits(model: nn.Module, loader, runtime: Runtime, prep: Preprocessing,
-                    events: Events, reported: set) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_logits(
+    model: nn.Module, loader, runtime: Runtime, prep: Preprocessing, events: Events, reported: set
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and targets for every decodable image in ``loader``."""
     model.eval()
     all_logits, all_targets = [], []

@@ -7,6 +7,7 @@
   frozen (small batches on small data would only add noise to them).
 - ``auto``: chosen from model, data size and hardware; the log says what and why.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,29 +38,38 @@ FINETUNE_CPU_BUDGET_IMAGES = 20_000
 FINETUNE_MIN_PER_CLASS = 30
 
 
-def resolve_mode(settings: Settings, pretrained: bool, runtime: Runtime, n_train: int,
-                 n_classes: int = 1) -> tuple[str, str]:
+def resolve_mode(
+    settings: Settings, pretrained: bool, runtime: Runtime, n_train: int, n_classes: int = 1
+) -> tuple[str, str]:
     """The training mode to use, and why (said in the log)."""
     mode = settings.train.mode
     if is_scratch_model(settings.model.model) or not pretrained:
         if mode in ("head", "finetune"):
-            raise SettingsError(f"setting 'mode': '{mode}' needs a pretrained model; {settings.model.model} has no "
-                                f"pretrained weights here (use --mode full, or a pretrained --model)")
+            raise SettingsError(
+                f"setting 'mode': '{mode}' needs a pretrained model; {settings.model.model} has no "
+                f"pretrained weights here (use --mode full, or a pretrained --model)"
+            )
         return "full", "the model starts from scratch: all layers are trained"
     if mode != "auto":
         return mode, "as asked"
     if n_train < FINETUNE_MIN_PER_CLASS * n_classes:
-        return "head", (f"{n_train / n_classes:.0f} training photos per class are too few to fine-tune "
-                        f"without overfitting: a head on cached frozen features")
+        return "head", (
+            f"{n_train / n_classes:.0f} training photos per class are too few to fine-tune "
+            f"without overfitting: a head on cached frozen features"
+        )
     if runtime.device.type == "cuda":
         return "finetune", "a GPU is available: the network is fine-tuned after the head"
     work = n_train * settings.train.finetune_epochs
     if work <= FINETUNE_CPU_BUDGET_IMAGES:
-        return "finetune", (f"{n_train} training images x {settings.train.finetune_epochs} epochs fit a CPU "
-                            f"budget: head on cached features, then the layers past stride "
-                            f"{settings.train.freeze_stride} fine-tuned")
-    return "head", (f"{n_train} training images are too many to fine-tune every layer on a CPU in minutes: "
-                    f"a head on cached frozen features")
+        return "finetune", (
+            f"{n_train} training images x {settings.train.finetune_epochs} epochs fit a CPU "
+            f"budget: head on cached features, then the layers past stride "
+            f"{settings.train.freeze_stride} fine-tuned"
+        )
+    return "head", (
+        f"{n_train} training images are too many to fine-tune every layer on a CPU in minutes: "
+        f"a head on cached frozen features"
+    )
 
 
 def use_class_weights(setting: str, targets: torch.Tensor, num_classes: int) -> bool:
@@ -79,40 +89,93 @@ class SplitFeatures:
     samples: list[Sample]
 
 
-def _features(model, run_data: RunData, split: str, hashes: dict, settings: Settings, prep: Preprocessing,
-              runtime: Runtime, views: int, signals: tuple[Events, StopToken]) -> SplitFeatures:
+def _features(
+    model,
+    run_data: RunData,
+    split: str,
+    hashes: dict,
+    settings: Settings,
+    prep: Preprocessing,
+    runtime: Runtime,
+    views: int,
+    signals: tuple[Events, StopToken],
+) -> SplitFeatures:
     samples = run_data.split(split)
     sample_hashes = [hashes[s.ref] for s in samples]
     targets = torch.tensor(run_data.targets(samples), dtype=torch.long)
     xs, ys, kept_samples = [], [], []
     for view in range(views + 1):
         store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view)
-        x, kept = extract_features(model, samples, sample_hashes, store, prep, runtime, *signals, view=view,
-                                   seed=settings.train.seed, max_pixels=settings.system.max_pixels)
+        x, kept = extract_features(
+            model,
+            samples,
+            sample_hashes,
+            store,
+            prep,
+            runtime,
+            *signals,
+            view=view,
+            seed=settings.train.seed,
+            max_pixels=settings.system.max_pixels,
+        )
         xs.append(x)
         ys.append(targets[kept])
         kept_samples += [samples[i] for i in kept]
     return SplitFeatures(torch.cat(xs), torch.cat(ys), kept_samples)
 
 
-def fit_transfer_head(model, run_data: RunData, settings: Settings, prep: Preprocessing, runtime: Runtime,
-                      source: str, events: Events, stop: StopToken) -> tuple[HeadFit, dict[str, SplitFeatures]]:
+def fit_transfer_head(
+    model,
+    run_data: RunData,
+    settings: Settings,
+    prep: Preprocessing,
+    runtime: Runtime,
+    source: str,
+    events: Events,
+    stop: StopToken,
+) -> tuple[HeadFit, dict[str, SplitFeatures]]:
     """Cached features -> fitted head, installed as the model's classifier. Also returns the val and
     test features, from which head mode calibrates and evaluates without running the backbone again."""
     samples = run_data.samples
     digests = content_hashes(samples, settings.data, source, settings.system.max_pixels, stop)
     hashes = {s.ref: h for s, h in zip(samples, digests)}
-    feats = {split: _features(model, run_data, split, hashes, settings, prep, runtime,
-                              settings.train.distortions if split == "train" else 0, (events, stop))
-             for split in ("train", "val", "test")}
+    feats = {
+        split: _features(
+            model,
+            run_data,
+            split,
+            hashes,
+            settings,
+            prep,
+            runtime,
+            settings.train.distortions if split == "train" else 0,
+            (events, stop),
+        )
+        for split in ("train", "val", "test")
+    }
     train, val = feats["train"], feats["val"]
     num_classes = len(run_data.classes)
-    weights = class_weights(train.y, num_classes) if use_class_weights(
-        settings.train.class_weights, train.y, num_classes) else None
-    fit = fit_head(train.x, train.y, val.x, val.y, num_classes, hidden=settings.model.head_hidden,
-                   weights=weights, label_smoothing=settings.train.label_smoothing, seed=settings.train.seed)
+    weights = (
+        class_weights(train.y, num_classes)
+        if use_class_weights(settings.train.class_weights, train.y, num_classes)
+        else None
+    )
+    fit = fit_head(
+        train.x,
+        train.y,
+        val.x,
+        val.y,
+        num_classes,
+        hidden=settings.model.head_hidden,
+        weights=weights,
+        label_smoothing=settings.train.label_smoothing,
+        seed=settings.train.seed,
+    )
     set_classifier(model, fit.head.to(runtime.device))
-    info(events, f"head on {len(train.y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
-                 f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
-                 f"{', class-weighted loss' if weights is not None else ''}")
+    info(
+        events,
+        f"head on {len(train.y)} feature vectors: val top-1 {fit.val_top1:.3f}, val loss {fit.val_loss:.4f}"
+        f"{f', L2 {fit.l2:g}' if not settings.model.head_hidden else ''}"
+        f"{', class-weighted loss' if weights is not None else ''}",
+    )
     return fit, feats

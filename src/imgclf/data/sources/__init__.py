@@ -20,8 +20,18 @@ from imgclf.data.sources.folders import FoldersSource, SplitFoldersSource
 from imgclf.data.sources.idx import IdxReader, IdxSource
 from imgclf.data.sources.manifest import CsvSource
 
-__all__ = ["LEVEL_SEP", "Sample", "ScanResult", "SOURCES", "READERS", "scan", "reader", "read_sample",
-           "decode_sample", "open_sample"]
+__all__ = [
+    "LEVEL_SEP",
+    "Sample",
+    "ScanResult",
+    "SOURCES",
+    "READERS",
+    "scan",
+    "reader",
+    "read_sample",
+    "decode_sample",
+    "open_sample",
+]
 
 # Tried in this order: the most specific first (a folder of IDX files, split folders, class folders).
 SOURCES: tuple[type[Source], ...] = (CsvSource, IdxSource, SplitFoldersSource, FoldersSource)
@@ -54,8 +64,9 @@ def read_sample(sample: Sample) -> bytes:
     return reader(sample).read(sample)
 
 
-def decode_sample(sample: Sample, data: bytes, draft_size: int | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+def decode_sample(
+    sample: Sample, data: bytes, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
     """The RGB picture of bytes read from ``sample``, and its stored size. Raises ImageError."""
     return reader(sample).decode(sample, data, draft_size, max_pixels)
 

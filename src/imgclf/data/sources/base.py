@@ -18,8 +18,15 @@ from PIL import Image
 from imgclf.core.meta import LEVEL_SEP
 from imgclf.data.images import decode_image_bytes, read_file
 
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 __all__ = ["LEVEL_SEP", "SPLIT_NAMES", "Sample", "ScanResult", "Reader", "FileReader", "Source"]
 
@@ -72,8 +79,9 @@ class Reader:
     def read(self, sample: Sample) -> bytes:
         raise NotImplementedError
 
-    def decode(self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int) \
-            -> tuple[Image.Image, tuple[int, int]]:
+    def decode(
+        self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int
+    ) -> tuple[Image.Image, tuple[int, int]]:
         raise NotImplementedError
 
     def stamp(self, sample: Sample) -> str | None:
@@ -92,10 +100,10 @@ class FileReader(Reader):
     def read(self, sample: Sample) -> bytes:
         return read_file(sample.path)
 
-    def decode(self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int) \
-            -> tuple[Image.Image, tuple[int, int]]:
-        return decode_image_bytes(data, sample.path, draft_size=draft_size, max_pixels=max_pixels,
-                                  with_size=True)
+    def decode(
+        self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int
+    ) -> tuple[Image.Image, tuple[int, int]]:
+        return decode_image_bytes(data, sample.path, draft_size=draft_size, max_pixels=max_pixels, with_size=True)
 
 
 class Source:

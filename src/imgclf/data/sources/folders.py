@@ -62,8 +62,9 @@ def split_folders(root: Path) -> dict[str, Path]:
         name = SPLIT_NAMES.get(child.name.lower())
         if child.is_dir() and name:
             if name in found:
-                raise DataError(f"{root}: two folders for the {name} split ({found[name].name}, {child.name}); "
-                                f"rename or remove one")
+                raise DataError(
+                    f"{root}: two folders for the {name} split ({found[name].name}, {child.name}); rename or remove one"
+                )
             found[name] = child
     return found if "train" in found and len(found) >= 2 else {}
 

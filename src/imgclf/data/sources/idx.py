@@ -4,6 +4,7 @@ A folder holding ``<prefix>-images-idx3-ubyte[.gz]`` with ``<prefix>-labels-idx1
 data source; ``train`` prefixes are the training split and ``t10k``/``test`` prefixes the test split.
 Class names come from ``classes.txt`` (one per line) when present, else from the known data sets.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,28 +22,46 @@ from PIL import Image
 from imgclf.core.errors import DataError, ImageError
 from imgclf.data.sources.base import Reader, Sample, ScanResult, Source
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 
-_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 DATASETS = {
     "fashion-mnist": {
         "base": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         "classes": FASHION_MNIST_CLASSES,
-        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "md5": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
     },
     "mnist": {
         "base": "https://ossci-datasets.s3.amazonaws.com/mnist/",
         "classes": MNIST_CLASSES,
-        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "md5": {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
     },
 }
 
@@ -95,8 +114,11 @@ def find_idx_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
         if not match:
             continue
         prefix = match.group("prefix")
-        labels = [p for p in root.iterdir() if p.name.startswith(prefix)
-                  and re.search(r"labels[-_.]idx1[-_.]ubyte(\.gz)?$", p.name)]
+        labels = [
+            p
+            for p in root.iterdir()
+            if p.name.startswith(prefix) and re.search(r"labels[-_.]idx1[-_.]ubyte(\.gz)?$", p.name)
+        ]
         if labels:
             pairs[prefix] = (path, labels[0])
     return pairs
@@ -165,8 +187,9 @@ class IdxReader(Reader):
     def read(self, sample: Sample) -> bytes:
         return self._array(sample).tobytes()
 
-    def decode(self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int) \
-            -> tuple[Image.Image, tuple[int, int]]:
+    def decode(
+        self, sample: Sample, data: bytes, draft_size: int | None, max_pixels: int
+    ) -> tuple[Image.Image, tuple[int, int]]:
         height, width = self._array(sample).shape
         image = Image.frombytes("L", (width, height), data).convert("RGB")
         return image, (width, height)
@@ -176,7 +199,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     """Write an array as an IDX file (gzip when the name ends in .gz): used by tests and tools."""
     codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with (gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb")) as handle:
+    with gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb") as handle:
         handle.write(header + np.ascontiguousarray(array).tobytes())
 
 
@@ -191,8 +214,10 @@ def download(name: str, folder: str | Path) -> Path:
         if not destination.exists() or _md5(destination) != spec["md5"][filename]:
             partial = destination.with_suffix(".part")
             try:
-                with urllib.request.urlopen(spec["base"] + filename, timeout=60) as response, \
-                        open(partial, "wb") as out:
+                with (
+                    urllib.request.urlopen(spec["base"] + filename, timeout=60) as response,
+                    open(partial, "wb") as out,
+                ):
                     shutil.copyfileobj(response, out)
             except OSError as exc:
                 raise DataError(f"cannot download {spec['base'] + filename}: {exc}") from None
