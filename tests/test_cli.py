@@ -93,3 +93,143 @@ def test_train_on_idx_files_end_to_end(digits_dir, tmp_path):
     assert metrics["n"] == 120 and metrics["split"] == "test"
     assert metrics["top1"] > 0.6  # chance is 0.1
     assert "digit-3" in metrics["per_class"]
+
+
+def test_train_writes_events_as_json_lines(digits_dir, tmp_path, capsys):
+    from tests.conftest import write_manifest
+
+    manifest = write_manifest(digits_dir, tmp_path / "m.csv", per_class=15)
+    path = tmp_path / "run.jsonl"
+    argv = [
+        "train",
+        str(manifest),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "cnn1",
+        "--image-size",
+        "16",
+        "--epochs",
+        "3",
+        "--patience",
+        "0",
+        "--events",
+        str(path),
+    ]
+    assert main(argv) == 0
+    events = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+        for line in path.read_text().splitlines()
+    ]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("epoch_end") == 3 and [e["row"]["epoch"] for e in events if e["event"] == "epoch_end"] == [
+        1,
+        2,
+        3,
+    ]
+    ends = {e["stage"] for e in events if e["event"] == "progress" and e["done"] == e["total"]}
+    assert {"check", "train", "evaluate"} <= ends
+    assert any(e["event"] == "message" and e["text"].startswith("test top-1") for e in events)
+    assert "epoch 3/3" in capsys.readouterr().err  # the terminal shows the same run
+
+
+def _one_class(digits_dir, root):
+    import shutil
+
+    (root / "7").mkdir(parents=True)
+    for png in sorted((digits_dir / "7").glob("*.png"))[:12]:
+        shutil.copy(png, root / "7" / png.name)
+    return root
+
+
+def _damaged_bundle(digits_run, root):
+    import shutil
+
+    root.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(digits_run / name, root / name)
+    (root / "model.json").write_text((root / "model.json").read_text()[:200])
+    return root
+
+
+USER_ERRORS = {
+    "no data": (lambda d, r, t: ["train", str(t / "empty"), "--out", str(t / "o")], "no labelled images found"),
+    "one class": (
+        lambda d, r, t: ["train", str(_one_class(d, t / "one")), "--out", str(t / "o")],
+        "need at least 2 classes",
+    ),
+    "head with a scratch model": (
+        lambda d, r, t: ["train", str(d), "--out", str(t / "o"), "--model", "cnn3", "--mode", "head"],
+        "'head' needs a pretrained model",
+    ),
+    "cuda without a GPU": (
+        lambda d, r, t: ["train", str(d), "--out", str(t / "o"), "--device", "cuda"],
+        "no CUDA GPU is available",
+    ),
+    "unknown setting in a config": (
+        lambda d, r, t: [
+            "train",
+            str(d),
+            "--out",
+            str(t / "o"),
+            "--config",
+            str(_write(t / "c.json", '{"epochz": 3}')),
+        ],
+        "unknown setting 'epochz'; did you mean 'epochs'?",
+    ),
+    "unknown flag": (lambda d, r, t: ["train", str(d), "--epochz", "3"], "unrecognized arguments: --epochz"),
+    "damaged model.json": (
+        lambda d, r, t: ["predict", str(_damaged_bundle(r, t / "b")), _digit(d)],
+        "model.json: not valid JSON",
+    ),
+    "unknown backend": (
+        lambda d, r, t: ["predict", str(r), _digit(d), "--backend", "tpu"],
+        "'tpu' is not one of auto, torch, onnx, openvino",
+    ),
+    "int8 with the torch backend": (
+        lambda d, r, t: ["predict", str(r), _digit(d), "--int8", "--backend", "torch"],
+        "the int8 model runs on ONNX Runtime",
+    ),
+    "no model here": (lambda d, r, t: ["predict", str(t), _digit(d)], "no model.json here"),
+    "resume without a run": (lambda d, r, t: ["train", "--resume", str(t)], "no run to resume here"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _digit(digits_dir) -> str:
+    return str(sorted((digits_dir / "3").glob("*.png"))[0])
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_a_user_error_is_one_line_and_exit_status_2(case, digits_dir, digits_run, tmp_path, capsys):
+    import torch
+
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "empty").mkdir()
+    make_argv, expected = USER_ERRORS[case]
+    argv = make_argv(digits_dir, digits_run, tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("imgclf")]
+    assert len(lines) == 1 and expected in lines[0], err[-1000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == lines[0]
+
+
+def test_a_user_error_in_a_real_process_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf.cli", "train", str(tmp_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("imgclf: error: ")

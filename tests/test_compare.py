@@ -42,6 +42,16 @@ def test_compare_writes_leaderboard_and_keeps_best_by_validation(digits_dir, tmp
     at_30 = [r for r in rows if r["per_class"] == 30]
     assert board["best"]["candidate"] == max(at_30, key=lambda r: r["val_top1"])["candidate"]
     best_meta = json.loads((out / "best" / "model.json").read_text())
+    for name in (
+        "model.safetensors",
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "confusion.png",
+        "curves.png",
+        "reliability.png",
+    ):
+        assert (out / "best" / name).exists(), name  # the whole report travels with the best model
     assert best_meta["architecture"] == board["best"]["candidate"]
     splits = {(out / f"{r['candidate']}-n{r['per_class']}" / "split.csv").read_text().count(",val,") for r in rows}
     assert len(splits) == 1  # every candidate saw the same validation images

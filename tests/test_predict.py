@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import imgclf
@@ -64,3 +65,43 @@ def test_cli_predict_table_and_csv(digits_run, digits_dir, capsys):
     assert main(["predict", str(digits_run), *files, "--format", "csv", "--top-k", "2"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0] == "path,error,label1,prob1,label2,prob2" and len(rows) == 5
+
+
+def test_min_confidence_answers_unknown_below_the_threshold(digits_run, digits_dir, capsys):
+    clf = imgclf.load(digits_run, {"precision": "fp32"})
+    files = [str(p) for d in range(10) for p in sorted((digits_dir / str(d)).glob("*.png"))[-4:]]
+    top = clf.predict_proba(files).max(1)
+    cut = float(np.median(top))
+    labels = clf.predict(files, min_confidence=cut)
+    assert ((labels == "unknown") == (top < cut)).all() and 0 < (labels == "unknown").sum() < len(files)
+    threshold = clf.meta["threshold"]["threshold"]  # chosen on validation when the run was calibrated
+    assert ((clf.predict(files, min_confidence="auto") == "unknown") == (top < threshold)).all()
+    assert main(["predict", str(digits_run), *files[:6], "--min-confidence", "1.01", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["unknown"] * 6 and all(r["top"] for r in rows)
+
+
+def test_evaluate_on_other_labelled_data_writes_its_own_report(digits_run, digits_dir, tmp_path):
+    from tests.conftest import write_manifest
+
+    before = (digits_run / "metrics.json").read_text()
+    other = write_manifest(digits_dir, tmp_path / "other.csv", per_class=5, classes=range(4))
+    assert main(["evaluate", str(digits_run), str(other), "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["n"] == 20 and metrics["split"] == "all" and metrics["data"] == str(other)
+    assert metrics["top1"] > 0.5 and set(metrics["per_class"]) == set(clf_classes(digits_run))
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "confusion.png").exists()
+    assert (digits_run / "metrics.json").read_text() == before  # the run's own report is untouched
+
+
+def clf_classes(run) -> list[str]:
+    return json.loads((run / "model.json").read_text())["classes"]
+
+
+def test_max_pixels_is_honoured_by_prediction_and_evaluation(digits_run, digits_dir, tmp_path, capsys):
+    files = [str(p) for p in sorted(digits_dir.glob("2/*.png"))[:3]]  # 32 x 32 = 1024 pixels each
+    assert main(["predict", str(digits_run), *files, "--max-pixels", "1000", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all("too many pixels" in r["error"] for r in rows)
+    with pytest.raises(imgclf.ImgclfError, match="no image to evaluate on.*too many pixels"):
+        imgclf.evaluate(digits_run, tmp_path / "report", {"max_pixels": 1000})

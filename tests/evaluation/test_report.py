@@ -99,3 +99,26 @@ def test_bundle_carries_calibration_and_threshold(run_dir):
     assert 0 < meta["threshold"]["threshold"] <= 1 and meta["threshold"]["target_precision"] == 0.95
     calibration = json.loads((run_dir / "metrics.json").read_text())["calibration"]
     assert calibration["ece_after"] <= calibration["ece_before"] + 0.02
+
+
+def test_the_bundles_hierarchy_separator_is_used_for_levels(tmp_path):
+    """Labels built with another separator (a bundle's ``hierarchy`` says which) are scored per level."""
+    import numpy as np
+
+    from imgclf.core.events import ignore
+    from imgclf.data.sources import Sample
+    from imgclf.evaluation.run import report_from_logits
+
+    classes = ["Men/Shoes", "Men/Shirts", "Women/Dresses"]
+    meta = {
+        "architecture": "cnn1",
+        "classes": classes,
+        "hierarchy": {"separator": "/", "depth": 2},
+        "preprocessing": {"image_size": 32},
+        "epoch": 1,
+    }
+    truth = [0, 1, 2, 2]
+    logits = np.array([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [0.0, 1.0, 3.0], [0.0, 1.0, 3.0]])  # one shirt as a shoe
+    samples = [Sample(f"/x/{i}.png", classes[t]) for i, t in enumerate(truth)]
+    metrics = report_from_logits(tmp_path, meta, logits, samples, {"split": "test"}, ignore)
+    assert [(lv["depth"], lv["accuracy"]) for lv in metrics["levels"]] == [(1, 1.0), (2, 0.75)]

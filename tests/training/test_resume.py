@@ -159,3 +159,75 @@ def test_non_finite_loss_stops_the_run_and_keeps_no_bad_model(manifest, tmp_path
     if (out / "model.safetensors").exists():  # a bundle from an earlier, finite epoch only
         meta = json.loads((out / "model.json").read_text())
         assert all(v == v for v in meta["metrics"].values()), "a NaN model was saved as best"
+
+
+@pytest.mark.slow
+def test_stop_token_from_another_thread_stops_within_a_step_and_resumes_exactly(manifest, reference_run, tmp_path):
+    """As the service will: train on a worker thread, stop it from this one. The training thread
+    is held at its 5th step of epoch 2 until the token is set, so the stop lands right after it."""
+    import threading
+
+    from imgclf import api
+    from imgclf.core.events import Progress, StopToken
+    from imgclf.training.checkpoint import load_checkpoint
+
+    settings = {
+        "model": "cnn3",
+        "image_size": 24,
+        "epochs": 10,
+        "batch_size": 16,
+        "threads": 1,
+        "patience": 0,
+        "augment": "strong",
+        "seed": 3,
+    }
+    stop, reached, released = StopToken(), threading.Event(), threading.Event()
+    held_at = []
+
+    def events(event):
+        if (
+            isinstance(event, Progress)
+            and event.stage == "train"
+            and event.detail.get("epoch") == 2
+            and event.done >= 5
+            and not held_at
+        ):
+            held_at.append(event.done)
+            reached.set()
+            released.wait(timeout=60)
+
+    out, results, threads = tmp_path / "stopped", [], torch.get_num_threads()
+    worker = threading.Thread(
+        target=lambda: results.append(api.train(manifest, out, settings, events=events, stop=stop))
+    )
+    try:
+        worker.start()
+        assert reached.wait(timeout=120), "training never reached epoch 2"
+        stop.set("stopped from another thread")
+        released.set()
+        worker.join(timeout=120)
+        assert results and results[0].status == "stopped"
+        state = load_checkpoint(out / "checkpoint.safetensors")
+        assert state["epoch"] == 1 and state["progress"]["step"] == held_at[0]  # no step after the stop
+        assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+        resumed = api.train(None, out, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.status == "finished" and resumed.metrics["n"] > 0
+    _assert_same_weights(reference_run / "model.safetensors", out / "model.safetensors")
+
+
+def test_resume_changes_only_system_settings_and_names_the_rest(manifest, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.run(_train_cmd(manifest, out, ["--max-steps", "3"]), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 3, first.stderr[-2000:]
+    resumed = subprocess.run(
+        _resume_cmd(out) + ["--epochs", "99", "--lr", "0.5", "--threads", "2", "--max-steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 3, resumed.stderr[-2000:]
+    assert "ignored: epochs, lr, max_steps" in resumed.stderr
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["train"]["epochs"] == 10 and saved["system"]["threads"] == 2  # how the run went on

@@ -44,7 +44,10 @@ class _StopOnSignal:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument (already said in one line)
+        return int(exc.code or 0)
     terminal = render.Terminal()
     sink = JsonLines(args.events) if getattr(args, "events", None) else None
     events = tee(terminal, sink) if sink else terminal

@@ -205,5 +205,7 @@ def log_to_tensorboard(run_dir: str | Path, samples: list[Sample], limit: int = 
                 torch.from_numpy(emb.vectors),
                 metadata=[s.label for s in emb.samples],
                 label_img=thumbs,
+                # each evaluation its own step: TensorBoard prints a warning when one is written twice
+                global_step=len([p for p in (run_dir / RunDir.TENSORBOARD).iterdir() if p.name.isdigit()]),
                 tag="evaluated images",
             )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgclf.core.errors import DataError
 from imgclf.core.events import Events, StopToken, Tracker, channel, info, skipped, stop_token, warn
 from imgclf.core.meta import separator, update_meta
 from imgclf.core.numeric import softmax
@@ -178,6 +179,9 @@ def evaluate(
     logits, kept, failures = sample_logits(clf, samples, events, stop)
     for failure in failures:
         skipped(events, failure.path, failure.reason)
+    if not kept:
+        first = f" (first: {failures[0].path}: {failures[0].reason})" if failures else ""
+        raise DataError(f"no image to evaluate on: {len(samples)} with known labels, {len(failures)} unreadable{first}")
     extra = {
         "split": split,
         "data": str(data) if data else "run split",

@@ -28,7 +28,7 @@ from imgclf.models.factory import (
 from imgclf.models.heads import install_saved_head
 from imgclf.training.data_setup import RunData, prepare_data, reload_data
 from imgclf.training.distributed import Distributed
-from imgclf.training.transfer import resolve_mode
+from imgclf.training.transfer import refuse_transfer_without_weights, resolve_mode
 
 
 @dataclass
@@ -78,6 +78,9 @@ def prepare_job(
         raise TrainError("no data given: pass a folder of class folders, a CSV or IDX files")
     if run.is_run:
         raise TrainError(f"{run} already holds a run ({run.status}); continue it with --resume or choose another --out")
+    m = settings.model
+    # before any time is spent on the data: a mode that cannot work with this model
+    refuse_transfer_without_weights(settings, resolve_pretrained(m.pretrained, m.model, m.weights, m.download))
     run.path.mkdir(parents=True, exist_ok=True)
     runtime = _runtime(settings, ranks)
     run_data = prepare_data(source, settings, run, ranks, events, stop)

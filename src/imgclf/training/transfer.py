@@ -38,17 +38,23 @@ FINETUNE_CPU_BUDGET_IMAGES = 20_000
 FINETUNE_MIN_PER_CLASS = 30
 
 
+def refuse_transfer_without_weights(settings: Settings, pretrained: bool) -> None:
+    """head and finetune start from pretrained weights: without them, say so at once."""
+    mode = settings.train.mode
+    if mode in ("head", "finetune") and (is_scratch_model(settings.model.model) or not pretrained):
+        raise SettingsError(
+            f"setting 'mode': '{mode}' needs a pretrained model; {settings.model.model} has no "
+            f"pretrained weights here (use --mode full, or a pretrained --model)"
+        )
+
+
 def resolve_mode(
     settings: Settings, pretrained: bool, runtime: Runtime, n_train: int, n_classes: int = 1
 ) -> tuple[str, str]:
     """The training mode to use, and why (said in the log)."""
     mode = settings.train.mode
     if is_scratch_model(settings.model.model) or not pretrained:
-        if mode in ("head", "finetune"):
-            raise SettingsError(
-                f"setting 'mode': '{mode}' needs a pretrained model; {settings.model.model} has no "
-                f"pretrained weights here (use --mode full, or a pretrained --model)"
-            )
+        refuse_transfer_without_weights(settings, pretrained)
         return "full", "the model starts from scratch: all layers are trained"
     if mode != "auto":
         return mode, "as asked"
