@@ -76,7 +76,7 @@ def test_runtime_in_a_venv_without_torch(digits_run, digits_dir, exported, tmp_p
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["--no-deps", str(REPO)], check=True, timeout=600, capture_output=True)
-    subprocess.run(pip + ["onnxruntime", "pillow", "numpy", "tqdm"], check=True, timeout=600, capture_output=True)
+    subprocess.run(pip + ["onnxruntime", "pillow", "numpy"], check=True, timeout=600, capture_output=True)
     folder = digits_dir / "8"
     script = (
         "import sys, json, glob; from imgclf.runtime import load_onnx; "
