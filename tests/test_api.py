@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imgclf import api
-from imgclf.core.events import EpochEnd, Message, Progress
+from imgclf.core.events import EpochEnd, Message, Plan, Progress
 
 CLASSES = ("hat", "pants", "shoes")
 BAD = ("empty.jpg", "truncated.jpg", "notes.jpg")
@@ -69,6 +69,9 @@ def test_check_train_evaluate_predict_speak_only_through_events(photos, tmp_path
         epoch_ends = [e for e in events if isinstance(e, EpochEnd)]
         assert [e.row["epoch"] for e in epoch_ends] == list(range(1, epochs + 1))
         assert set(BAD) <= _named(events), "each skipped file is named in a message"
+        plans = [i for i, e in enumerate(events) if isinstance(e, Plan)]
+        first_work = next(i for i, e in enumerate(events) if isinstance(e, Progress) and e.stage != "check")
+        assert len(plans) == 1 and plans[0] < first_work, "the plan is stated before the work starts"
 
     evaluated: list = []
     metrics = api.evaluate(tmp_path / "finetune", events=evaluated.append)

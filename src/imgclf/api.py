@@ -66,13 +66,30 @@ def train(
 ) -> fit.TrainResult:
     """Train a classifier on ``source`` into the run folder ``out``, then calibrate it on the
     validation split and report on the test split. ``resume=True`` continues the run in ``out``
-    (``settings`` may then change only the system section)."""
-    events, stop = channel(events), stop_token(stop)
-    result = fit.train(None if resume else str(source), str(out), settings, events=events, stop=stop, resume=resume)
-    if result.status == "finished" and evaluate and is_main_process():
-        resolved = from_dict(RunDir(out).read_json(RunDir.SETTINGS))  # what the run used, "auto"s decided
+    (``settings`` may then change only the system section). A run stopped at its time budget is
+    evaluated too: its best model so far is what the budget bought."""
+    started, events, stop = time.monotonic(), channel(events), stop_token(stop)
+    source = None if resume else str(source)
+    result = fit.train(source, str(out), settings, events=events, stop=stop, resume=resume, started=started)
+    run = RunDir(out)
+    budget_stop = result.status == "stopped" and result.reason == "time budget" and (run / RunDir.WEIGHTS).exists()
+    if (result.status == "finished" or budget_stop) and evaluate and is_main_process():
+        resolved = from_dict(run.read_json(RunDir.SETTINGS))  # what the run used, "auto"s decided
         result.metrics = evaluation.after_training(out, result.logits, resolved, events, stop)
+        _compare_with_plan(run, time.monotonic() - started, events)
     return result
+
+
+def _compare_with_plan(run: RunDir, seconds: float, events: Events) -> None:
+    """Say how long the run took against the time its plan predicted, and record both."""
+    plan = run.read_run().get("plan")
+    if not plan or not is_main_process():
+        return
+    predicted, budget = plan.get("predicted_s", 0.0), plan.get("budget_s", 0.0)
+    run.update_run(plan={**plan, "actual_s": round(seconds, 1)})
+    off = f" ({100 * (seconds - predicted) / predicted:+.0f}%)" if predicted else ""
+    of_budget = f" of a {budget / 60:.1f} min budget" if budget else ""
+    info(events, f"the run took {seconds / 60:.1f} min; its plan predicted {predicted / 60:.1f} min{off}{of_budget}")
 
 
 def evaluate(

@@ -70,7 +70,7 @@ def test_auto_mode_says_what_it_chose(small_photos, tmp_path):
     assert any(t.startswith("mode: head (25 training photos per class are too few to fine-tune") for t in said)
 
 
-def test_auto_mode_finetunes_when_data_and_budget_allow():
+def test_auto_mode_finetunes_when_there_are_enough_photos():
     from imgclf.core.settings import Settings
     from imgclf.models.device import Runtime
     from imgclf.training.transfer import resolve_mode
@@ -78,7 +78,7 @@ def test_auto_mode_finetunes_when_data_and_budget_allow():
     cpu = Runtime(torch.device("cpu"), None, False)
     assert resolve_mode(Settings(), True, cpu, 3000, 10)[0] == "finetune"
     assert resolve_mode(Settings(), True, cpu, 200, 10)[0] == "head"  # 20 per class
-    assert resolve_mode(Settings(), True, cpu, 100_000, 10)[0] == "head"  # beyond a CPU budget
+    assert resolve_mode(Settings(), True, cpu, 100_000, 10)[0] == "finetune"  # the plan may still take the head
     assert resolve_mode(Settings(), False, cpu, 3000, 10)[0] == "full"  # nothing pretrained at hand
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
-from imgclf.core.events import EpochEnd, Event, Message, Progress
+from imgclf.core.events import EpochEnd, Event, Message, Plan, Progress
 from imgclf.predictors.base import FilePrediction
 
 SLOW_LINE_S = 30.0  # without a terminal, a long stage still says how far it is this often
@@ -25,6 +25,21 @@ def format_eta(seconds: float) -> str:
         return "?"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    speeds = ", ".join(f"{name.replace('_', ' ')} {value:.0f}" for name, value in plan.speeds.items())
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in plan.stages.items())
+    others = "; ".join(
+        f"{c['plan']} {c['predicted_s'] / 60:.1f} min" for c in plan.candidates if c["plan"] != plan.plan
+    )
+    budget = f" of a {plan.budget_s / 60:.1f} min budget" if plan.budget_s else ""
+    lines = [
+        f"plan: {plan.plan} ({plan.why}); predicted {plan.predicted_s / 60:.1f} min in all{budget}",
+        f"  measured here, img/s: {speeds}",
+        f"  predicted stages: {stages}",
+    ]
+    return lines + ([f"  other plans: {others}"] if others else [])
 
 
 def epoch_line(event: EpochEnd) -> str:
@@ -57,6 +72,9 @@ class Terminal:
             elif isinstance(event, EpochEnd):
                 self._close()
                 self._line(epoch_line(event))
+            elif isinstance(event, Plan):
+                for line in plan_lines(event):
+                    self._line(line)
             elif isinstance(event, Message):
                 self._line(("warning: " if event.level == "warning" else "") + event.text)
 

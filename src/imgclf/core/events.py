@@ -65,9 +65,24 @@ class Message:
     path: str = ""
 
 
-Event = Progress | EpochEnd | Message
+@dataclass(frozen=True)
+class Plan:
+    """What a training will do and why, decided from speeds measured on this machine before the
+    work starts: the chosen plan, the measured speeds (img/s), the predicted seconds of each stage
+    and in all, the budget (0: none), and the other plans considered with their predicted times."""
+
+    plan: str
+    why: str
+    speeds: dict
+    stages: dict
+    predicted_s: float
+    budget_s: float
+    candidates: list = field(default_factory=list)
+
+
+Event = Progress | EpochEnd | Message | Plan
 Events = Callable[[Event], None]
-EVENT_NAMES = {Progress: "progress", EpochEnd: "epoch_end", Message: "message"}
+EVENT_NAMES = {Progress: "progress", EpochEnd: "epoch_end", Message: "message", Plan: "plan"}
 
 
 def ignore(event: Event) -> None:
@@ -174,22 +189,40 @@ class Tracker:
 class StopToken:
     """Set from any thread (a signal handler, a service's cancel button, a test) to end the work
     in progress after its current step. Long steps look at it between steps; training then writes
-    a checkpoint, so nothing done is lost."""
+    a checkpoint, so nothing done is lost. A child token (:meth:`child`) is set by its parent too,
+    so a run can stop itself (at its time budget) without setting the caller's token."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: StopToken | None = None) -> None:
         self._flag = threading.Event()
-        self.reason = ""
+        self._parent = parent
+        self._reason = ""
 
     def set(self, reason: str = "stop requested") -> None:
-        self.reason = self.reason or reason
+        self._reason = self._reason or reason
         self._flag.set()
 
     def is_set(self) -> bool:
-        return self._flag.is_set()
+        return self._flag.is_set() or (self._parent is not None and self._parent.is_set())
+
+    @property
+    def reason(self) -> str:
+        if self._parent is not None and self._parent.is_set():
+            return self._parent.reason
+        return self._reason
+
+    def child(self) -> StopToken:
+        return StopToken(self)
+
+    def set_after(self, seconds: float, reason: str) -> threading.Timer:
+        """Set the token ``seconds`` from now (a daemon timer; cancel it when the work is done)."""
+        timer = threading.Timer(max(0.0, seconds), self.set, args=(reason,))
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def check(self) -> None:
         """Raise :class:`Stopped` when the token is set (for steps that have nothing to save)."""
-        if self._flag.is_set():
+        if self.is_set():
             raise Stopped(self.reason)
 
 

@@ -63,8 +63,10 @@ class TrainSettings:
         "layers; full: all layers from the start; auto: chosen from model, data and hardware",
         choices=("auto", "head", "finetune", "full"),
     )
-    epochs: int = setting(30, "maximum number of passes over the training images")
-    finetune_epochs: int = setting(4, "epochs of training all layers after the head, in finetune mode")
+    epochs: int = setting(30, "maximum number of passes over the training images (fewer when the time budget needs)")
+    finetune_epochs: int = setting(
+        4, "epochs of training the later layers after the head, in finetune mode (fewer when the time budget needs)"
+    )
     backbone_lr_scale: float = setting(0.1, "learning rate of pretrained layers relative to the head's (finetune)")
     freeze_stride: int = setting(
         8,
@@ -132,6 +134,11 @@ class SystemSettings:
     )
     max_pixels: int = setting(
         89_478_485, "images with more pixels are refused as decompression bombs (in check, train, evaluate and predict)"
+    )
+    time_budget: str = setting(
+        "auto",
+        "wall time a training may take, everything included (e.g. 10m, 90s, 1h; 0: none); auto: 10m on a CPU, "
+        "none on a GPU. The plan is fitted to it from speeds measured on the spot",
     )
 
 
@@ -214,6 +221,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError("epochs and batch_size must be at least 1")
     if t.lr <= 0:
         raise SettingsError("lr must be positive")
+    if s.time_budget != "auto":
+        parse_duration(s.time_budget)
     if s.max_pixels < 1 or settings.predict.predict_batch_size < 1:
         raise SettingsError("max_pixels and predict_batch_size must be at least 1")
     if s.device != "auto" and s.device != "cpu" and not s.device.startswith("cuda"):
@@ -226,6 +235,22 @@ def validate(settings: Settings) -> None:
             float(confidence)
         except ValueError:
             raise SettingsError(f"min_confidence: '{confidence}' is neither a number nor auto") from None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "10m", "1.5h"; 0 for "0", "none" or "off". Raises SettingsError."""
+    value = str(text).strip().lower()
+    if value in ("0", "none", "off", ""):
+        return 0.0
+    scale = {"s": 1, "m": 60, "h": 3600}.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise SettingsError(f"setting 'time_budget': '{text}' is not a duration (e.g. 10m, 90s, 1h, 0)") from None
+    if seconds < 0:
+        raise SettingsError(f"setting 'time_budget': '{text}' is negative")
+    return seconds
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -4,6 +4,8 @@ memory layout; and how a uint8 batch becomes the model's input there."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,29 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
+# glibc's mallopt parameters, and the size up to which freed memory stays in the process
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _KEEP_BYTES = -1, -3, 1 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the kernel (glibc only).
+
+    By default glibc maps blocks above a threshold afresh for every allocation and unmaps them on
+    free, so each training step faults in, and zeroes, its activation memory again. Measured on 2
+    cores (docs/benchmarks.md): the trained half of an EfficientNet-Lite0 fine-tune step went from
+    53 to 72 img/s and a frozen forward pass from 115 to 179 img/s; on an AVX2 machine the same
+    change took system time from 5.5 s to 1.3 s. Process-wide, once; freed memory up to 1 GiB is
+    kept for reuse. Returns whether the allocator was tuned.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (not glibc: musl and others have other knobs)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES))
+
+
 def resolve_runtime(
     device: str = "auto", precision: str = "auto", channels_last: str = "auto", local_rank: int = 0
 ) -> Runtime:
@@ -50,6 +75,8 @@ def resolve_runtime(
         raise SettingsError(
             f"setting 'device': '{device}' asked for, but no CUDA GPU is available here; use --device cpu (or auto)"
         )
+    if torch_device.type == "cpu":
+        tune_allocator()
     if precision == "auto":
         use_bf16 = torch.cuda.is_bf16_supported() if torch_device.type == "cuda" else cpu_has_fast_bf16()
     else:

@@ -36,6 +36,8 @@ from imgclf.training.loop import (
     summarize_logits,
     train_one_epoch,
 )
+from imgclf.training.plan import budget_seconds, make_plan
+from imgclf.training.split import split_training
 from imgclf.training.state import HISTORY_FIELDS, RunState, checkpoint_state, restore_state, write_history
 from imgclf.training.transfer import SplitFeatures, fit_transfer_head, use_class_weights
 
@@ -47,6 +49,7 @@ class TrainResult:
     epochs_done: int
     best_epoch: int
     metrics: dict | None = None
+    reason: str = ""  # why it stopped: the stop token's reason ("time budget" when the run stopped itself)
     # head mode: the fitted head's logits on the val and test features ({split: (logits, samples)}),
     # from which evaluation calibrates and reports without running the backbone again
     logits: dict | None = field(default=None, repr=False)
@@ -60,17 +63,24 @@ def train(
     events: Events | None = None,
     stop: StopToken | None = None,
     resume: bool = False,
+    started: float | None = None,
 ) -> TrainResult:
-    """Train a classifier on ``source`` into the run folder ``out``, or continue it (``resume``)."""
+    """Train a classifier on ``source`` into the run folder ``out``, or continue it (``resume``).
+    ``started`` (time.monotonic()) is when the time budget began: by default, now."""
+    started = time.monotonic() if started is None else started
     ranks = init_distributed()
     events = channel(events) if ranks.is_main else ignore  # the one guard: only rank 0 reports
-    stop, run = stop_token(stop), RunDir(out)
+    run = RunDir(out)
+    stop, timer = stop_token(stop).child(), None  # a child: the run may stop itself at its budget
     try:
         if resume:
             job, model = load_job(run, settings, ranks, events)
         else:
             job, model = prepare_job(source, run, as_settings(settings), ranks, events, stop)
         model = model.to(job.runtime.device, memory_format=job.runtime.memory_format)
+        if not run.read_run().get("plan"):  # a resumed run keeps the plan it was given
+            job, _ = make_plan(job, model, events, stop, started)
+        timer = _budget_timer(job, stop, started)
         if job.mode in ("head", "finetune") and not run.has_checkpoint:
             fit, features = fit_transfer_head(
                 model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop
@@ -84,7 +94,19 @@ def train(
         if ranks.is_main and run.is_run:
             run.update_run(status="stopped")
             info(events, f"stopped ({exc.reason}); continue with: imgclf train --resume {out}")
-        return TrainResult(str(out), "stopped", 0, 0)
+        return TrainResult(str(out), "stopped", 0, 0, reason=exc.reason)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _budget_timer(job: Job, stop: StopToken, started: float):
+    """Set the run's stop token when the time budget, less the evaluation still to come, is spent."""
+    budget = budget_seconds(job.settings.system.time_budget, job.runtime)
+    if not budget:
+        return None
+    reserve = job.run.read_run().get("plan", {}).get("stages", {}).get("evaluate", 0.0)
+    return stop.set_after(started + budget - reserve - time.monotonic(), "time budget")
 
 
 def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
@@ -182,7 +204,8 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
         for key in HISTORY_FIELDS[1:]:
             ctx["writer"].add_scalar(key, row[key], row["epoch"])
         ctx["writer"].flush()
-    ctx["events"](EpochEnd(row, epochs, improved, (epochs - state.epoch) * progress.seconds))
+    epoch_seconds = time.perf_counter() - ctx["epoch_started"]  # views, steps and validation
+    ctx["events"](EpochEnd(row, epochs, improved, (epochs - state.epoch) * epoch_seconds + ctx["reserve"]))
     patience = job.settings.train.patience
     return bool(patience) and state.bad_epochs >= patience and job.mode != "finetune"
 
@@ -196,6 +219,9 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
         if progress.step == 0:  # each epoch's dropout/RNG stream depends only on (seed, epoch)
             torch.manual_seed(t.seed * 7919 + state.epoch)
         loaders.sampler.set_epoch(state.epoch, skip=progress.step * t.batch_size)
+        ctx["epoch_started"] = time.perf_counter() - progress.seconds
+        if ctx["views"] is not None:
+            ctx["views"].compute(state.epoch, ctx["events"], ctx["stop"])
         progress, interrupted = train_one_epoch(
             step,
             loaders.train,
@@ -246,18 +272,22 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
             info(events, f"finetune: {frozen} parameter tensors up to stride {t.freeze_stride} stay frozen")
     loaders = build_loaders(job.data, job.prep, job.settings, job.ranks, events, stop)
     step = _build_step(wrap_model(model, job.ranks, job.runtime.device), job, loaders)
+    views = split_training(step, job, loaders) if job.mode == "finetune" else None
     resuming = run.has_checkpoint
     state = restore_state(step, run / RunDir.CHECKPOINT) if resuming else RunState()
     info(
         events,
         f"training {job.settings.model.model} ({job.mode}) on {len(loaders.train_dataset)} images, "
-        f"{len(job.data.classes)} classes ({job.runtime.describe()})"
+        f"{len(job.data.classes)} classes ({job.runtime.describe()}"
+        f"{'; frozen layers apart, the rest in ' + ('bf16' if step.runtime.dtype else 'fp32') if views else ''})"
         f"{f', resuming at epoch {state.epoch + 1}' if resuming else ''}",
     )
     ctx = {
         "job": job,
         "events": events,
         "stop": stop,
+        "views": views,
+        "reserve": run.read_run().get("plan", {}).get("stages", {}).get("evaluate", 0.0),
         "writer": SummaryWriter(str(run / RunDir.TENSORBOARD)) if job.ranks.is_main else None,
     }
     started = time.perf_counter()
@@ -274,7 +304,13 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
     finally:
         if ctx["writer"] is not None:
             ctx["writer"].close()
-    result = TrainResult(str(run), "stopped" if status == "stopped" else "finished", state.epoch, state.best_epoch)
+    result = TrainResult(
+        str(run),
+        "stopped" if status == "stopped" else "finished",
+        state.epoch,
+        state.best_epoch,
+        reason=stop.reason if status == "stopped" else "",
+    )
     if job.ranks.is_main:
         run.update_run(
             status=result.status,
@@ -282,7 +318,13 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
             best_epoch=state.best_epoch,
             train_seconds=round(time.perf_counter() - started, 1),
         )
-        if status == "stopped":
+        if status == "stopped" and result.reason == "time budget":
+            info(
+                events,
+                f"stopped at the time budget after {state.epoch} epochs, the best (epoch {state.best_epoch}) "
+                f"kept; continue with: imgclf train --resume {run} --time-budget LONGER",
+            )
+        elif status == "stopped":
             info(events, f"stopped with a checkpoint; continue with: imgclf train --resume {run}")
     return result
 

@@ -85,6 +85,7 @@ def prepare_job(
     runtime = _runtime(settings, ranks)
     run_data = prepare_data(source, settings, run, ranks, events, stop)
     model, pretrained = _create(settings, run_data.classes, with_pretrained=True)
+    asked_mode = settings.train.mode  # auto may still become head when the time budget says so
     settings = _resolve(settings, model, pretrained, runtime, run_data, events)
     prep = _preprocessing(model, settings, run_data, events, stop)
     source = str(Path(source).resolve())
@@ -92,7 +93,13 @@ def prepare_job(
         run.write_json(RunDir.SETTINGS, settings.to_dict())
         run.write_json(
             RunDir.RUN,
-            {"data": source, "classes": run_data.classes, "preprocessing": prep.to_dict(), "status": "running"},
+            {
+                "data": source,
+                "classes": run_data.classes,
+                "preprocessing": prep.to_dict(),
+                "status": "running",
+                "asked_mode": asked_mode,
+            },
         )
     return Job(run, settings, run_data, prep, source, ranks, runtime), model
 

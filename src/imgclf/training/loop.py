@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class TrainStep:
     runtime: Runtime
     prep: Preprocessing
     frozen_bn: bool = False  # keep batch-norm statistics as pretrained (finetune on small data)
+    # the batch -> logits function when the loader yields something else than images (split fine-tuning)
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     reported: set = field(default_factory=set)  # bad files already named (once per run, not per epoch)
 
 
@@ -108,7 +111,7 @@ def _optimisation_step(
 ) -> None:
     targets = targets.to(step.runtime.device, non_blocking=True)
     with step.runtime.autocast():
-        logits = step.model(model_input(images, step.runtime, step.prep))
+        logits = step.forward(images) if step.forward else step.model(model_input(images, step.runtime, step.prep))
         loss = step.loss_fn(logits.float(), targets)
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError(

@@ -27,12 +27,6 @@ from imgclf.training.data_setup import RunData
 from imgclf.training.features import FeatureStore, extract_features
 from imgclf.training.head import HeadFit, class_weights, fit_head
 
-# Fine-tuning EfficientNet-Lite0 at 224 px with stages up to stride 8 frozen trains about 25 img/s on
-# 2 CPU cores (bf16, measured; docs/benchmarks.md): 20,000 image-epochs is about 13 minutes.
-# Above that budget, auto uses the head alone.
-FINETUNE_CPU_BUDGET_IMAGES = 20_000
-
-
 # Below this many training photos per class, fine-tuning overfits: on clothing-small with 20 per
 # class the head reached 79.2% val / 83.6% test top-1 and finetune 77.4% / 79.3% (docs/benchmarks.md).
 FINETUNE_MIN_PER_CLASS = 30
@@ -65,16 +59,10 @@ def resolve_mode(
         )
     if runtime.device.type == "cuda":
         return "finetune", "a GPU is available: the network is fine-tuned after the head"
-    work = n_train * settings.train.finetune_epochs
-    if work <= FINETUNE_CPU_BUDGET_IMAGES:
-        return "finetune", (
-            f"{n_train} training images x {settings.train.finetune_epochs} epochs fit a CPU "
-            f"budget: head on cached features, then the layers past stride "
-            f"{settings.train.freeze_stride} fine-tuned"
-        )
-    return "head", (
-        f"{n_train} training images are too many to fine-tune every layer on a CPU in minutes: "
-        f"a head on cached frozen features"
+    return "finetune", (
+        f"{n_train / n_classes:.0f} training photos per class: a head on cached features, then the layers past "
+        f"stride {settings.train.freeze_stride} fine-tuned for as many epochs as the time budget allows "
+        f"(the head alone if none fits)"
     )
 
 
