@@ -32,7 +32,9 @@ class Classifier(BasePredictor):
         batch_size: int = PREDICT_BATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        self.runtime = resolve_runtime(device, precision, "auto")
+        # the layout training measured fastest on this CPU, when the bundle's settings recorded one
+        layout = bundle.meta.get("settings", {}).get("system", {}).get("channels_last", "auto")
+        self.runtime = resolve_runtime(device, precision, layout)
         self.model = bundle.model.to(self.runtime.device, memory_format=self.runtime.memory_format).eval()
         self.meta = bundle.meta
         self.preprocessing = bundle.preprocessing

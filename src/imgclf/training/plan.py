@@ -10,7 +10,7 @@ over still stops at the budget (see ``fit``), with its best checkpoint.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from imgclf.core.events import Events, Plan, StopToken
 from imgclf.core.rundir import RunDir
@@ -19,7 +19,7 @@ from imgclf.data.audit import content_hashes
 from imgclf.models.device import Runtime
 from imgclf.training.features import FeatureStore
 from imgclf.training.job import Job
-from imgclf.training.speed import measure
+from imgclf.training.speed import choose_layout, measure
 from imgclf.training.split import split_for
 
 CPU_BUDGET_S = 600.0  # "auto" on a CPU: 10 minutes, everything included
@@ -121,6 +121,12 @@ def make_plan(job: Job, model, events: Events, stop: StopToken, started: float) 
     """Measure, choose, say so, and record the plan in run.json (resolved epochs in settings.json)."""
     t, asked = job.settings.train, job.run.read_run().get("asked_mode", job.mode)
     split = job.mode == "finetune" and split_for(model, t.freeze_stride) is not None and job.ranks.world_size == 1
+    if job.settings.system.channels_last == "auto" and job.runtime.device.type == "cpu":
+        layout = choose_layout(job, model, events)
+        job.runtime = replace(job.runtime, channels_last=layout)
+        model.to(memory_format=job.runtime.memory_format)
+        job.settings = apply_overrides(job.settings, {"channels_last": "on" if layout else "off"})
+        t = job.settings.train
     speeds = measure(job, model, job.mode == "finetune", stop)
     budget = budget_seconds(job.settings.system.time_budget, job.runtime)
     if not speeds:  # no training photo decodes: the data stage has said why
