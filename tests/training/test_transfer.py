@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import imgclf
 from imgclf.api import train
-from imgclf.core.events import Message
+from imgclf.core.events import Message, Progress
 from imgclf.models.pretrained import lite_weights_file
 
 CLASSES = ("hat", "pants", "shoes", "skirt")
@@ -37,13 +37,10 @@ def test_head_mode_beats_chance_and_reuses_cached_features(small_photos, tmp_pat
     settings = json.loads((tmp_path / "head" / "settings.json").read_text())
     assert settings["model"]["pretrained"] == "on" and settings["train"]["mode"] == "head"
 
-    import imgclf.models.heads as heads
-
-    def no_backbone(*args, **kwargs):
-        raise AssertionError("features were computed again instead of read from the cache")
-
-    monkeypatch.setattr(heads, "pooled_features", no_backbone)
-    second = train(str(small_photos), tmp_path / "mlp", {**overrides, "head_hidden": 64})
+    events = []
+    second = train(str(small_photos), tmp_path / "mlp", {**overrides, "head_hidden": 64}, events=events.append)
+    extracted = [e for e in events if isinstance(e, Progress) and e.stage.startswith("features")]
+    assert not extracted, "features were computed again instead of read from the cache"
     assert second.status == "finished" and second.metrics["top1"] >= 0.5
     clf = imgclf.load(tmp_path / "mlp")  # an MLP head is rebuilt from model.json before loading
     assert isinstance(clf.model.classifier, torch.nn.Sequential)

@@ -16,11 +16,8 @@ temperature and threshold, and the check results.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +33,7 @@ from imgclf.data.dataset import decode_all
 from imgclf.data.split import read_split_csv
 from imgclf.data.transforms import eval_tensor, normalize_batch
 from imgclf.export.quantize import quantize_int8
+from imgclf.models.onnx import to_onnx
 from imgclf.predictors import weights_digest
 from imgclf.predictors.onnx import FP32_FILE, INT8_FILE, compile_openvino, cpu_capabilities, openvino_precision
 from imgclf.predictors.pytorch import Classifier, load_torch
@@ -81,23 +79,7 @@ def _torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 32) -
 
 
 def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
-    """torch.export-based ONNX export (the TorchScript one cannot express our small CNNs' adaptive
-    pooling to a grid that does not divide the feature map)."""
-    dummy = torch.zeros(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter is chatty
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.float().eval().cpu(),
-            (dummy,),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_shapes={"x": {0: batch}},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    to_onnx(model, size, path)
 
 
 def export(

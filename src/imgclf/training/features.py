@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from imgclf.core.atomic import atomic_write
 from imgclf.core.events import Events, StopToken, Tracker, skipped
@@ -26,15 +26,15 @@ from imgclf.data.dataset import open_for, prefetch_batches
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageError
 from imgclf.data.sources import Sample
 from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
-from imgclf.models import heads
-from imgclf.models.device import Runtime, model_input
 
 
 class FeatureStore:
     """``content hash -> feature vector`` for one (model, weights, preprocessing, view) on disk."""
 
-    def __init__(self, model_name: str, weights_id: str, prep: Preprocessing, view: int):
-        key = json.dumps([model_name, weights_id, prep.to_dict(), view], sort_keys=True)
+    def __init__(self, model_name: str, weights_id: str, prep: Preprocessing, view: int, engine: str = "torch"):
+        # features of another engine differ in the last digits: each engine has its own cache
+        parts = [model_name, weights_id, prep.to_dict(), view] + ([engine] if engine != "torch" else [])
+        key = json.dumps(parts, sort_keys=True)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.path = cache_dir() / "features" / f"{model_name}-v{view}-{digest}.safetensors"
         self.vectors: dict[str, torch.Tensor] = {}
@@ -83,12 +83,11 @@ def _view_loader(
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     samples: list[Sample],
     hashes: list[str],
     store: FeatureStore,
     prep: Preprocessing,
-    runtime: Runtime,
     events: Events,
     stop: StopToken,
     view: int = 0,
@@ -97,8 +96,8 @@ def extract_features(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, list[int]]:
     """Features (float32) for the samples that decode, and their indices; cached ones are reused.
+    ``forward``: uint8 NCHW batch -> features, on the engine measured fastest (see ``engines``).
     A stop saves the features computed so far (a rerun starts where this one ended) and raises Stopped."""
-    model.eval()
     todo = [i for i, h in enumerate(hashes) if h not in store.vectors]
     if todo:
         load = _view_loader([samples[i] for i in todo], [hashes[i] for i in todo], prep, view, seed, events, max_pixels)
@@ -106,8 +105,7 @@ def extract_features(
         try:
             for chunk, positions, batch in prefetch_batches(len(todo), load, batch_size):
                 if batch is not None:
-                    with runtime.autocast():
-                        vectors = heads.pooled_features(model, model_input(batch, runtime, prep)).float().cpu()
+                    vectors = forward(batch)
                     for position, vector in zip(positions, vectors):
                         store.vectors[hashes[todo[position]]] = vector.to(torch.float16)
                     store.dirty = True

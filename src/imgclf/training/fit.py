@@ -26,6 +26,7 @@ from imgclf.models.heads import classifier_name, head_info
 from imgclf.training.checkpoint import save_checkpoint
 from imgclf.training.data_setup import Loaders, build_loaders
 from imgclf.training.distributed import broadcast_flag, init_distributed, unwrap, wrap_model
+from imgclf.training.engines import feature_engine
 from imgclf.training.head import HeadFit, class_weights
 from imgclf.training.job import Job, load_job, prepare_job
 from imgclf.training.loop import (
@@ -82,8 +83,9 @@ def train(
             job, _ = make_plan(job, model, events, stop, started)
         timer = _budget_timer(job, stop, started)
         if job.mode in ("head", "finetune") and not run.has_checkpoint:
+            engine = feature_engine(model, job, None, events)  # as the plan measured and remembered
             fit, features = fit_transfer_head(
-                model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop
+                model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop, engine
             )
             if ranks.is_main:
                 run.update_run(head=head_info(model, job.settings.model.head_hidden))

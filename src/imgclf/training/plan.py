@@ -17,9 +17,10 @@ from imgclf.core.rundir import RunDir
 from imgclf.core.settings import apply_overrides, parse_duration
 from imgclf.data.audit import content_hashes
 from imgclf.models.device import Runtime
+from imgclf.training.engines import feature_engine
 from imgclf.training.features import FeatureStore
 from imgclf.training.job import Job
-from imgclf.training.speed import choose_layout, measure
+from imgclf.training.speed import choose_layout, eval_batch, measure
 from imgclf.training.split import split_for
 
 CPU_BUDGET_S = 600.0  # "auto" on a CPU: 10 minutes, everything included
@@ -63,15 +64,16 @@ def _train_rate(speeds: dict, candidate: Candidate) -> float:
 def stage_times(candidate: Candidate, counts: Counts, speeds: dict) -> dict[str, float]:
     """Predicted seconds of each stage still to come."""
     times: dict[str, float] = {}
-    evaluate = REPORT_S + min(counts.test, 1000) / speeds["features"]  # reports, TensorBoard's embeddings
+    rate = speeds.get("evaluate") or speeds["features"]  # through PyTorch, as the report runs
+    evaluate = REPORT_S + min(counts.test, 1000) / rate  # reports, TensorBoard's embeddings
     if candidate.mode in ("head", "finetune"):
         times["features"] = (counts.uncached + candidate.views * counts.train) / speeds["features"]
         times["head"] = 1.0 + counts.train * 5e-4
     if candidate.mode in ("finetune", "full"):
         times["decode"] = (counts.train + counts.val) / speeds["decode"]
-        epoch = counts.train / _train_rate(speeds, candidate) + counts.val / speeds["features"]
+        epoch = counts.train / _train_rate(speeds, candidate) + counts.val / rate
         times["epochs"] = candidate.epochs * epoch
-        evaluate += (counts.val + counts.test) / speeds["features"]  # calibration and test: head mode has logits
+        evaluate += (counts.val + counts.test) / rate  # calibration and test: head mode has its logits
     times["evaluate"] = evaluate
     return {name: round(seconds, 1) for name, seconds in times.items()}
 
@@ -109,10 +111,10 @@ def choose(plans: list[Candidate], counts: Counts, speeds: dict, elapsed: float,
     return chosen[0], chosen[1], totals
 
 
-def _counts(job: Job, stop: StopToken) -> Counts:
+def _counts(job: Job, engine: str, stop: StopToken) -> Counts:
     samples = job.data.samples
     hashes = content_hashes(samples, job.settings.data, job.source, job.settings.system.max_pixels, stop)
-    store = FeatureStore(job.settings.model.model, job.settings.model.weights or "imagenet", job.prep, 0)
+    store = FeatureStore(job.settings.model.model, job.settings.model.weights or "imagenet", job.prep, 0, engine)
     uncached = sum(h not in store.vectors for h in hashes)
     return Counts(len(job.data.split("train")), len(job.data.split("val")), len(job.data.split("test")), uncached)
 
@@ -127,12 +129,15 @@ def make_plan(job: Job, model, events: Events, stop: StopToken, started: float) 
         model.to(memory_format=job.runtime.memory_format)
         job.settings = apply_overrides(job.settings, {"channels_last": "on" if layout else "off"})
         t = job.settings.train
-    speeds = measure(job, model, job.mode == "finetune", stop)
+    engine, features = None, None
+    if job.mode in ("head", "finetune"):
+        engine, features = feature_engine(model, job, eval_batch(job), events)
+    speeds = measure(job, model, features, job.mode == "finetune", stop)
     budget = budget_seconds(job.settings.system.time_budget, job.runtime)
     if not speeds:  # no training photo decodes: the data stage has said why
         return job, {}
     counts = (
-        _counts(job, stop)
+        _counts(job, engine, stop)
         if job.mode != "full"
         else Counts(*(len(job.data.split(s)) for s in ("train", "val", "test")), 0)
     )
@@ -146,6 +151,7 @@ def make_plan(job: Job, model, events: Events, stop: StopToken, started: float) 
         "epochs": chosen.epochs,
         "views": chosen.views,
         "split": chosen.split,
+        "engine": engine,
         "precision": chosen.precision,
         "speeds": speeds,
         "budget_s": budget,

@@ -71,15 +71,36 @@ def _step_rate(forward, params, batch, targets, runtime: Runtime) -> float:
     return len(targets) / _timed(step, 2)
 
 
-def measure(job: Job, model: nn.Module, want_finetune: bool, stop: StopToken) -> dict:
+def eval_batch(job: Job, n: int = PREDICT_BATCH_SIZE) -> torch.Tensor | None:
+    """Up to ``n`` training photos as the model's uint8 input (centre crops), to time engines on."""
+    train = job.data.split("train")
+    tensors = []
+    for sample in train[:: max(1, len(train) // n)][:n]:
+        try:
+            tensors.append(eval_tensor(open_for(sample, job.prep, job.settings.system.max_pixels), job.prep))
+        except ImageError:
+            continue
+    return torch.stack(tensors) if tensors else None
+
+
+def measure(job: Job, model: nn.Module, features, want_finetune: bool, stop: StopToken) -> dict:
     """img/s of each stage the candidate plans have, measured now: decode (into the training
-    cache), features (decode + frozen forward, as extraction runs), and for training either the
+    cache), features (decode + frozen forward on the chosen engine, as extraction runs), evaluate
+    (the same through PyTorch, as calibration and the test report run), and for training either the
     fine-tune step (frozen part and trained part apart, each precision) or the whole-network step."""
     with torch.random.fork_rng(devices=[]):
         tensors, decode_rate = _decoded(job)
         if not tensors:
             return {}
-        speeds = {"decode": decode_rate, "features": _eval_rate(job, model)}
+
+        def logits(batch: torch.Tensor) -> torch.Tensor:
+            model.eval()
+            with torch.no_grad(), job.runtime.autocast():
+                return model(model_input(batch, job.runtime, job.prep))
+
+        speeds = {"decode": decode_rate, "evaluate": _eval_rate(job, logits)}
+        if features is not None:
+            speeds["features"] = _eval_rate(job, features)
         stop.check()
         if want_finetune:
             speeds.update(_finetune_rates(job, model, tensors))
@@ -88,9 +109,8 @@ def measure(job: Job, model: nn.Module, want_finetune: bool, stop: StopToken) ->
     return {name: round(value, 1) for name, value in speeds.items()}
 
 
-@torch.no_grad()
-def _eval_rate(job: Job, model: nn.Module) -> float:
-    """Photos per second from file to the network's output, as feature extraction and evaluation
+def _eval_rate(job: Job, forward) -> float:
+    """Photos per second from file to ``forward``'s output, as feature extraction and evaluation
     run it (decoding in threads beside the model, which shares the cores)."""
     samples = job.data.split("train")[::-1][: 2 * PREDICT_BATCH_SIZE]
 
@@ -103,10 +123,8 @@ def _eval_rate(job: Job, model: nn.Module) -> float:
     def run(count: int) -> None:
         for _, _, batch in prefetch_batches(count, load, PREDICT_BATCH_SIZE):
             if batch is not None:
-                with job.runtime.autocast():
-                    model(model_input(batch, job.runtime, job.prep))
+                forward(batch)
 
-    model.eval()
     run(min(PREDICT_BATCH_SIZE, len(samples)))  # warm-up, at the batch size that is timed (oneDNN plans per shape)
     started = time.perf_counter()
     run(len(samples))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,13 +85,12 @@ class SplitFeatures:
 
 
 def _features(
-    model,
+    engine: tuple[str, Callable],
     run_data: RunData,
     split: str,
     hashes: dict,
     settings: Settings,
     prep: Preprocessing,
-    runtime: Runtime,
     views: int,
     signals: tuple[Events, StopToken],
 ) -> SplitFeatures:
@@ -99,14 +99,13 @@ def _features(
     targets = torch.tensor(run_data.targets(samples), dtype=torch.long)
     xs, ys, kept_samples = [], [], []
     for view in range(views + 1):
-        store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view)
+        store = FeatureStore(settings.model.model, settings.model.weights or "imagenet", prep, view, engine[0])
         x, kept = extract_features(
-            model,
+            engine[1],
             samples,
             sample_hashes,
             store,
             prep,
-            runtime,
             *signals,
             view=view,
             seed=settings.train.seed,
@@ -127,6 +126,7 @@ def fit_transfer_head(
     source: str,
     events: Events,
     stop: StopToken,
+    engine: tuple[str, Callable],
 ) -> tuple[HeadFit, dict[str, SplitFeatures]]:
     """Cached features -> fitted head, installed as the model's classifier. Also returns the val and
     test features, from which head mode calibrates and evaluates without running the backbone again."""
@@ -135,13 +135,12 @@ def fit_transfer_head(
     hashes = {s.ref: h for s, h in zip(samples, digests)}
     feats = {
         split: _features(
-            model,
+            engine,
             run_data,
             split,
             hashes,
             settings,
             prep,
-            runtime,
             settings.train.distortions if split == "train" else 0,
             (events, stop),
         )
