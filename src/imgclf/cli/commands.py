@@ -90,6 +90,19 @@ def export(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace, ctx: Context) -> int:
+    from imgclf import serve as service  # the service's packages (FastAPI, uvicorn) are an optional extra
+
+    if args.action == ["keys", "create"]:
+        render.say(service.create_key(args.home, args.scope, args.name))
+        return 0
+    if args.action:
+        render.error_line(f"serve: unknown action '{' '.join(args.action)}' (expected: keys create)")
+        return 2
+    service.run_service(args.home, args.host, args.port)
+    return 0
+
+
 def datasets(args: argparse.Namespace, ctx: Context) -> int:
     from imgclf.data.sources.idx import download  # the one command that uses the network
 
@@ -139,6 +152,7 @@ HANDLERS = {
     "similar": similar,
     "predict": predict,
     "export": export,
+    "serve": serve,
     "datasets": datasets,
     "demo": demo,
 }

@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write a static int8 model (calibrated, checked)")
     p.add_argument("--out", help="folder for the exported bundle (default: RUN_DIR/onnx)")
 
+    p = _command(sub, "serve", "the self-hosted service and its web page; or: serve keys create --scope S")
+    p.add_argument("action", nargs="*", help="nothing to serve; 'keys create' to make an API key (printed once)")
+    p.add_argument("--home", default="imgclf-home", help="folder for the database, uploads and models")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--scope", default="admin", help="keys create: admin, train or predict (default: admin)")
+    p.add_argument("--name", default="", help="keys create: a note of what the key is for")
+
     p = _command(sub, "datasets", "get public data sets (needs a network)")
     p.add_argument("action", choices=["download"])
     p.add_argument("name", choices=["fashion-mnist", "mnist"])

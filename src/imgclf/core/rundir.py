@@ -7,7 +7,10 @@ what training and evaluation produce.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,27 @@ class RunDir:
         run.update(fields)
         self.write_json(self.RUN, run)
         return run
+
+    @contextlib.contextmanager
+    def lock(self, wait_s: float = 120.0):
+        """Hold the run folder for one training at a time: a second process waits up to
+        ``wait_s`` for the first to end (a stopped run finishing its last step), then gives up
+        with TimeoutError. Released when the process ends, however it ends."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "w") as handle:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.path} is being trained by another process") from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # state ----------------------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ everything (see :class:`~imgclf.core.rundir.RunDir`); a killed or stopped run co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,7 +73,19 @@ def train(
     ranks = init_distributed()
     events = channel(events) if ranks.is_main else ignore  # the one guard: only rank 0 reports
     run = RunDir(out)
-    stop, timer = stop_token(stop).child(), None  # a child: the run may stop itself at its budget
+    holder = run.lock() if ranks.is_main else contextlib.nullcontext()  # one training per run folder
+    try:
+        with holder:
+            return _train(source, run, settings, events, stop_token(stop).child(), resume, started, ranks)
+    except TimeoutError as exc:
+        raise TrainError(f"{exc}; wait for it to end, or train into another --out") from None
+
+
+def _train(
+    source, run: RunDir, settings, events: Events, stop: StopToken, resume: bool, started: float, ranks
+) -> TrainResult:
+    """The body of :func:`train`; ``stop`` is the run's own child token (it may stop itself at its budget)."""
+    out, timer = run.path, None
     try:
         if resume:
             job, model = load_job(run, settings, ranks, events)

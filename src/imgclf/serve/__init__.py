@@ -1,0 +1,88 @@
+"""``imgclf serve``: the self-hosted service. The app (:func:`imgclf.serve.app.create_app`)
+answers HTTP on one process; a worker process (:mod:`imgclf.serve.worker`) runs the trainings.
+Both share the home folder. It listens on 127.0.0.1 unless told otherwise, and refuses another
+address while no API key exists."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from imgclf.core.errors import SettingsError
+from imgclf.serve.store import Home, Store
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_key(home: str | Path, scope: str, name: str = "") -> str:
+    try:
+        return Store(Home(home)).create_key(scope, name)
+    except ValueError as exc:
+        raise SettingsError(f"--scope: {exc}") from None
+
+
+def run_service(home: str | Path, host: str = "127.0.0.1", port: int = 8000, worker: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM: uvicorn in this process, the worker beside it. On shutdown
+    uvicorn finishes the requests in flight and the worker hands its running job back to the
+    queue (the next start resumes it)."""
+    import uvicorn
+
+    from imgclf.serve.app import create_app
+
+    home = Home(home)
+    if not is_loopback(host) and not Store(home).has_keys():
+        raise SettingsError(
+            f"--host {host}: refusing to listen beyond this machine while no API key exists; "
+            f"make one first: imgclf serve keys create --home {home.path} --scope admin"
+        )
+    supervisor = _Supervisor(home) if worker else None
+    try:
+        uvicorn.run(
+            create_app(home.path),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+class _Supervisor:
+    """Keeps one worker process running beside the app: a worker that dies (a crash, kill -9) is
+    started again, and the new one takes back the job the dead one held."""
+
+    def __init__(self, home: Home):
+        self.home, self.stopping = home, threading.Event()
+        self.child = self._start()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "imgclf.serve.worker", str(self.home.path)])
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(1.0):
+            if self.child.poll() is not None:
+                self.child = self._start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.child.terminate()
+        try:
+            self.child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.child.kill()

@@ -1,0 +1,83 @@
+"""The service's app factory: state in a home folder, keys checked on every request, errors as
+``{"error": {"code", "message", "details"}}``, every ``ImgclfError`` a 4xx through one handler.
+Routes are thin (:mod:`imgclf.serve.catalog`, :mod:`imgclf.serve.training`,
+:mod:`imgclf.serve.inference`): they translate a request and call the library."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imgclf.core.errors import ImgclfError
+from imgclf.serve import catalog, inference, training
+from imgclf.serve.http import BodyLimit, Limits, ServiceError, error_body
+from imgclf.serve.store import Home, Store
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), exc.status, headers=exc.headers)
+
+    @app.exception_handler(ImgclfError)
+    async def library_error(request: Request, exc: ImgclfError):
+        return JSONResponse(error_body(exc.code, str(exc)), 422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        details = {
+            "errors": [
+                {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")} for e in exc.errors()
+            ]
+        }
+        return JSONResponse(error_body("invalid_request", "the request does not have the expected shape", details), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+
+
+def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
+    """The service over ``home`` (created when missing)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.predictors.clear()
+
+    app = FastAPI(
+        title="imgclf",
+        version="1",
+        lifespan=lifespan,
+        description="Self-hosted image classification: create, upload, train, watch, predict.",
+    )
+    app.state.home = Home(home)
+    app.state.store = Store(app.state.home)
+    app.state.limits = limits or Limits()
+    app.state.predictors = {}
+    _handlers(app)
+    app.add_middleware(BodyLimit, limit=app.state.limits.body_bytes)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> dict:
+        store: Store = request.app.state.store
+        store.one("SELECT 1 AS ok")
+        free = shutil.disk_usage(store.home.path).free
+        if free < request.app.state.limits.min_free_disk:
+            raise ServiceError(503, "low_disk", f"only {free // 2**20} MB free in {store.home.path}")
+        return {"ok": True, "free_disk_mb": free // 2**20}
+
+    for module in (catalog, training, inference):
+        app.include_router(module.router, prefix="/v1")
+    return app

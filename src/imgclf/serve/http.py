@@ -1,0 +1,105 @@
+"""What every route shares: the limits, the error type and body, the key check, and the body-size
+guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from imgclf.serve.store import SCOPES, Store
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry; each over-limit answer is immediate, with its code."""
+
+    body_bytes: int = 64 * 2**20  # a whole request, counted as it arrives
+    files_per_request: int = 200
+    image_bytes: int = 20 * 2**20
+    image_pixels: int = 40_000_000
+    min_side: int = 32
+    min_per_category: int = 10  # photos per category before a model can be trained
+    min_free_disk: int = 512 * 2**20
+
+
+class ServiceError(Exception):
+    """An answer other than 2xx, with the error body's code and what to do."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details, self.headers = status, code, message, details or {}, headers
+
+
+def error_body(code: str, message: str, details: dict | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is answered 413 as soon as it is counted,
+    with or without a Content-Length (a chunked upload cannot slip past)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(send, self.limit)
+        seen, answered, rejected = 0, False, False
+
+        async def counting_receive():
+            nonlocal seen, answered, rejected
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    if not answered:  # answer now, and tell the app the client is gone
+                        await _too_large(send, self.limit)
+                        answered = rejected = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal answered
+            if rejected:
+                return  # the 413 went out already; what the app makes of the disconnect is not sent
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+async def _too_large(send, limit: int) -> None:
+    response = JSONResponse(error_body("body_too_large", f"the request body is over {limit} bytes"), status_code=413)
+    await response({"type": "http"}, None, send)
+
+
+def bearer_key(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
+def require(scope: str) -> Callable:
+    """A dependency that lets a request through with a key of ``scope`` or a wider one."""
+
+    def check(request: Request) -> str:
+        store: Store = request.app.state.store
+        key = bearer_key(request)
+        granted = store.key_scope(key) if key else None
+        if granted is None:
+            raise ServiceError(
+                401,
+                "unauthorized",
+                "give a valid API key: Authorization: Bearer KEY (imgclf serve keys create makes one)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if SCOPES.index(granted) < SCOPES.index(scope):
+            raise ServiceError(403, "forbidden", f"this key's scope is {granted}; this needs {scope}")
+        return granted
+
+    return Depends(check)

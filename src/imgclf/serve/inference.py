@@ -1,0 +1,96 @@
+"""Prediction on a model's active (or a chosen) version, on its ONNX export, loaded once and
+kept warm."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from imgclf.core.errors import ImageError, ImgclfError
+from imgclf.core.rundir import RunDir
+from imgclf.data.images import decode_image_bytes
+from imgclf.predictors import UNKNOWN, load
+from imgclf.serve.catalog import model_row
+from imgclf.serve.http import ServiceError, require
+from imgclf.serve.store import Store
+
+router = APIRouter(tags=["predict"])
+_loading = threading.Lock()
+
+
+def predictor_for(app: FastAPI, model_id: str, number: int):
+    """The version's predictor, loaded on first use (its export checked by loading it)."""
+    key = (model_id, number)
+    cached = app.state.predictors.get(key)
+    if cached is not None:
+        return cached
+    with _loading:
+        if key not in app.state.predictors:
+            folder = app.state.store.home.version_dir(model_id, number) / RunDir.ONNX
+            try:
+                app.state.predictors[key] = load(folder, "auto", batch_size=8)
+            except (ImgclfError, OSError, RuntimeError) as exc:
+                raise ServiceError(409, "version_unusable", f"version {number} cannot serve: {exc}") from None
+    return app.state.predictors[key]
+
+
+def _answer(clf, image, k: int, threshold: float | None, name: str) -> dict:
+    started = time.perf_counter()
+    proba = clf.predict_proba([image])[0]
+    order = np.argsort(-proba)[: max(1, min(k, len(proba)))]
+    top = [{"label": str(clf.classes_[i]), "probability": round(float(proba[i]), 6)} for i in order]
+    label = top[0]["label"] if threshold is None or top[0]["probability"] >= threshold else UNKNOWN
+    return {
+        "name": name,
+        "label": label,
+        "probability": top[0]["probability"],
+        "top": top,
+        "ms": round(1000 * (time.perf_counter() - started), 2),
+    }
+
+
+@router.post("/models/{model_id}/predict", dependencies=[require("predict")])
+async def predict(request: Request, model_id: str, k: int = 5, min_confidence: str = "", version: int | None = None):
+    """Labels for a raw image body (``Content-Type: image/...``) or multipart ``files``."""
+    store: Store = request.app.state.store
+    model = model_row(store, model_id)
+    number = version or model["active_version"]
+    if not number:
+        raise ServiceError(409, "not_trained", "this model has no trained version yet: train it first")
+    clf = predictor_for(request.app, model_id, number)
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        form = await request.form(max_files=request.app.state.limits.files_per_request)
+        inputs = [(f.filename or "upload", await f.read()) for f in form.getlist("files") if isinstance(f, UploadFile)]
+    else:
+        inputs = [("body", await request.body())]
+    if not inputs:
+        raise ServiceError(422, "no_image", "send an image as the body, or multipart files")
+    try:
+        threshold = clf.confidence_threshold(min_confidence or None)
+    except ImgclfError as exc:
+        raise ServiceError(422, exc.code, str(exc)) from None
+    return {
+        "model_id": model_id,
+        "version": number,
+        "results": await run_in_threadpool(_predict_all, clf, inputs, k, threshold, request.app.state.limits),
+    }
+
+
+def _predict_all(clf, inputs: list[tuple[str, bytes]], k: int, threshold: float | None, limits) -> list[dict]:
+    """Decode and predict each input (off the event loop: this is the CPU's work)."""
+    results = []
+    for name, data in inputs:
+        try:
+            if len(data) > limits.image_bytes:
+                raise ImageError(name, f"over {limits.image_bytes} bytes")
+            image = decode_image_bytes(
+                data, name, draft_size=clf.preprocessing.resize_size, max_pixels=limits.image_pixels
+            )
+            results.append(_answer(clf, image, k, threshold, name))
+        except ImageError as exc:
+            results.append({"name": name, "error": {"code": "invalid_image", "message": exc.reason}})
+    return results

@@ -1,0 +1,77 @@
+"""A real service on 127.0.0.1: `imgclf serve` in a child process (the app and its worker), with a
+home folder of its own, stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the service tests need the serve extra: pip install 'imgclf[serve]'")
+
+
+@dataclass
+class Service:
+    url: str
+    home: Path
+    admin: str
+    process: subprocess.Popen
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key or self.admin}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(home.parent / f"service-{port}.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imgclf.cli", "serve", "--home", str(home), "--port", str(port)],
+        stdout=log,
+        stderr=log,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (home.parent / f"service-{port}.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the service did not start in 90 s")
+
+
+def stop_service(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Service:
+    from imgclf.serve import create_key
+
+    root = tmp_path_factory.mktemp("service")
+    home = root / "home"
+    admin = create_key(home, "admin", "tests")
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "cache")}
+    process, url = start_service(home, env)
+    yield Service(url, home, admin, process)
+    stop_service(process)

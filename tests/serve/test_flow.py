@@ -1,0 +1,124 @@
+"""The hosted-service flow on a real service: create a model with categories, upload real photos
+(bad ones rejected with reasons), train in the background, watch the job, get version 1, predict."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from tests.badfiles import make_bad_folder
+
+CLASSES = ("hat", "pants", "shoes")
+
+
+def _upload(client, model_id: str, category_id: str, paths) -> dict:
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    response = client.post(f"/v1/models/{model_id}/categories/{category_id}/images", files=files)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _wait_for(client, job_id: str, timeout: float = 400) -> list[dict]:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append(status)
+        if status["state"] in ("succeeded", "failed", "cancelled"):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not end in {timeout} s: {seen[-1]}")
+
+
+@pytest.mark.slow
+def test_create_upload_train_watch_predict(service, clothing, tmp_path):
+    client = service.client()
+    created = client.post("/v1/models", json={"name": "shop", "categories": list(CLASSES)})
+    assert created.status_code == 201, created.text
+    model = created.json()
+    assert model["state"] == "created" and not model["can_train"] and "needs 10 photos" in model["why_not"]
+    ids = {c["name"]: c["id"] for c in model["categories"]}
+    for label in CLASSES:
+        photos = sorted((clothing / "train" / label).glob("*.jpg"))[:15]
+        answer = _upload(client, model["id"], ids[label], photos)
+        assert answer["accepted"] == 15 and answer["rejected"] == 0
+    bad = make_bad_folder(tmp_path / "bad", sorted((clothing / "train" / "hat").glob("*.jpg"))[20:23])
+    answer = _upload(client, model["id"], ids["hat"], [tmp_path / "bad" / name for name in bad])
+    reasons = {f["name"]: f.get("code") for f in answer["files"] if not f["accepted"]}
+    assert {
+        "empty.jpg": "empty_file",
+        "truncated.jpg": "truncated",
+        "notes.jpg": "not_an_image",
+        "bomb.png": "too_many_pixels",
+    }.items() <= reasons.items()
+    again = _upload(client, model["id"], ids["pants"], sorted((clothing / "train" / "hat").glob("*.jpg"))[:1])
+    assert again["files"][0]["code"] == "in_another_category"
+
+    model = client.get(f"/v1/models/{model['id']}").json()
+    assert model["state"] == "ready_to_train" and model["can_train"]
+    started = client.post(
+        f"/v1/models/{model['id']}/train",
+        json={"settings": {"mode": "head", "image_size": 64}},
+        headers={"Idempotency-Key": "first"},
+    )
+    assert started.status_code == 202, started.text
+    job = started.json()
+    repeated = client.post(f"/v1/models/{model['id']}/train", json={}, headers={"Idempotency-Key": "first"})
+    assert repeated.json()["id"] == job["id"]  # the same request starts one job
+    assert client.post(f"/v1/models/{model['id']}/train", json={}).status_code == 409
+    seen = _wait_for(client, job["id"])
+    assert seen[-1]["state"] == "succeeded", seen[-1]
+    assert {"queued", "running"} & {s["state"] for s in seen}
+    assert any(s["stage"] for s in seen) and seen[-1]["version"] == 1 and seen[-1]["plan"] == "head"
+
+    versions = client.get(f"/v1/models/{model['id']}/versions").json()["versions"]
+    assert [(v["number"], v["state"], v["active"]) for v in versions] == [(1, "ready", True)]
+    assert versions[0]["metrics"]["top1"] > 0.5
+    assert "<html" in client.get(f"/v1/models/{model['id']}/versions/1/report").text[:200]
+    assert len(client.get(f"/v1/models/{model['id']}/versions/1/onnx").content) > 100_000
+
+    right = 0
+    for label in CLASSES:
+        photo = sorted((clothing / "test" / label).glob("*.jpg"))[0]
+        response = client.post(
+            f"/v1/models/{model['id']}/predict?k=2", content=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()["results"][0]
+        assert len(result["top"]) == 2 and result["ms"] > 0
+        right += result["label"] == label
+    assert right >= 2, "a model trained on 15 photos per class should get held-out hats, pants and shoes right"
+
+
+def test_keys_scopes_and_no_plaintext(service):
+    anonymous = service.client("not-a-key")
+    assert anonymous.get("/v1/models").status_code == 401
+    assert anonymous.get("/v1/models").json()["error"]["code"] == "unauthorized"
+    from imgclf.serve import create_key
+
+    reader = service.client(create_key(service.home, "predict"))
+    assert reader.get("/v1/models").status_code == 200
+    forbidden = reader.post("/v1/models", json={"name": "x", "categories": ["a", "b"]})
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+    database = (service.home / "imgclf.db").read_bytes()
+    assert service.admin.encode() not in database and service.admin[7:].encode() not in database
+    rows = sqlite3.connect(service.home / "imgclf.db").execute("SELECT digest FROM keys").fetchall()
+    assert rows and all(len(r[0]) == 64 for r in rows)
+
+
+def test_a_body_over_the_limit_is_refused_at_once(service):
+    client = service.client()
+    model = client.post("/v1/models", json={"name": "limits", "categories": ["a", "b"]}).json()
+    target = f"/v1/models/{model['id']}/categories/{model['categories'][0]['id']}/images"
+    big = b"x" * (65 * 2**20)
+    declared = client.post(target, content=big, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # a well-formed multipart upload whose file never ends, sent without a Content-Length
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n\r\n'
+        for _ in range(65):
+            yield b"y" * 2**20
+
+    chunked = client.post(target, content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
