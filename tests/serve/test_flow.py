@@ -122,3 +122,47 @@ def test_a_body_over_the_limit_is_refused_at_once(service):
 
     chunked = client.post(target, content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.slow
+def test_a_new_version_takes_over_while_predictions_go_on_and_a_damaged_one_is_refused(service, clothing):
+    import shutil
+    import sqlite3
+    import threading
+
+    client = service.client()
+    model = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "shop")
+    job = client.post(f"/v1/models/{model['id']}/train", json={"settings": {"mode": "head", "image_size": 64}})
+    assert _wait_for(client, job.json()["id"])[-1]["state"] == "succeeded"
+    assert client.get(f"/v1/models/{model['id']}").json()["active_version"] == 2
+    photo = sorted((clothing / "test" / "hat").glob("*.jpg"))[2].read_bytes()
+    answers, done = [], threading.Event()
+
+    def keep_predicting():
+        with service.client() as own:
+            while not done.is_set():
+                response = own.post(
+                    f"/v1/models/{model['id']}/predict", content=photo, headers={"Content-Type": "image/jpeg"}
+                )
+                answers.append((response.status_code, response.json().get("version")))
+
+    loop = threading.Thread(target=keep_predicting)
+    loop.start()
+    time.sleep(1.0)
+    assert client.post(f"/v1/models/{model['id']}/versions/1/activate").status_code == 200
+    time.sleep(1.0)
+    done.set()
+    loop.join(timeout=30)
+    assert answers and {status for status, _ in answers} == {200}
+    versions = [v for _, v in answers]
+    assert versions[0] == 2 and versions[-1] == 1 and versions == sorted(versions, reverse=True)
+
+    damaged = service.home / "models" / model["id"] / "v3"  # a version whose export is damaged
+    shutil.copytree(service.home / "models" / model["id"] / "v2", damaged)
+    (damaged / "onnx" / "model.onnx").write_bytes(b"not an onnx model")
+    with sqlite3.connect(service.home / "imgclf.db") as db:
+        db.execute("INSERT INTO versions VALUES (?, 3, 'manual', 'ready', 0, NULL)", (model["id"],))
+    refused = client.post(f"/v1/models/{model['id']}/versions/3/activate")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "version_unusable"
+    still = client.post(f"/v1/models/{model['id']}/predict", content=photo, headers={"Content-Type": "image/jpeg"})
+    assert still.status_code == 200 and still.json()["version"] == 1

@@ -11,13 +11,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgclf.core.errors import ImgclfError
 from imgclf.serve import catalog, inference, training
 from imgclf.serve.http import BodyLimit, Limits, ServiceError, error_body
 from imgclf.serve.store import Home, Store
+
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 def _handlers(app: FastAPI) -> None:
@@ -64,6 +66,11 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
     app.state.predictors = {}
     _handlers(app)
     app.add_middleware(BodyLimit, limit=app.state.limits.body_bytes)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        """The web page: one file from the package, no build step and nothing from a CDN."""
+        return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
