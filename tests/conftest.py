@@ -11,10 +11,20 @@ REPO = Path(__file__).resolve().parents[1]
 CLOTHING = REPO.parent / "shared" / "datasets" / "clothing-small"
 
 
+@pytest.fixture(scope="session")
+def _shared_engines(tmp_path_factory) -> Path:
+    """What imgclf measures about this machine (the engine for frozen passes, the memory layout)
+    is measured once per test session, as it is once per machine; the tests of the measurement
+    itself use a cache folder of their own."""
+    return tmp_path_factory.mktemp("imgclf-engines")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Audit caches go to a temporary folder, never to the user's home."""
-    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("imgclf-cache")))
+def _isolated_cache(tmp_path_factory, monkeypatch, _shared_engines):
+    """Audit and feature caches go to a temporary folder per test, never to the user's home."""
+    folder = tmp_path_factory.mktemp("imgclf-cache")
+    (folder / "engines").symlink_to(_shared_engines, target_is_directory=True)
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(folder))
 
 
 @pytest.fixture(scope="session")

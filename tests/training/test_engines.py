@@ -48,7 +48,7 @@ def test_the_chosen_engine_agrees_with_pytorch_fp32_and_is_remembered(clothing, 
     name, features = feature_engine(model, job, batch, said.append)
     assert name in ("torch", "onnxruntime", "openvino")
     assert any(isinstance(e, Message) and e.text.startswith(f"frozen passes on {name}") for e in said)
-    record = next(iter(json.loads((cache_dir / "engines.json").read_text()).values()))
+    record = next(iter(json.loads((cache_dir / "engines" / "choices.json").read_text()).values()))
     assert record["engine"] == name and record["cosine"][name] >= MIN_COSINE
     assert record["images_per_s"][name] == max(
         r for n, r in record["images_per_s"].items() if record["cosine"][n] >= MIN_COSINE

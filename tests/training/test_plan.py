@@ -82,7 +82,7 @@ def test_a_run_stops_at_its_budget_is_evaluated_and_resumes_with_a_larger_one(di
     monkeypatch.setattr(
         plan_module, "measure", lambda *a: {k: v * (4 if k == "train" else 1) for k, v in real(*a).items()}
     )
-    manifest = write_manifest(digits_dir, tmp_path / "m.csv", per_class=100)
+    manifest = write_manifest(digits_dir, tmp_path / "m.csv", per_class=60)
     out, events = tmp_path / "run", []
     settings = {
         "model": "cnn3",
@@ -90,18 +90,18 @@ def test_a_run_stops_at_its_budget_is_evaluated_and_resumes_with_a_larger_one(di
         "epochs": 200,
         "patience": 0,
         "augment": "none",
-        "time_budget": "12s",
+        "time_budget": "6s",
         "threads": 1,
     }
     first = api.train(manifest, out, settings, events=events.append)
     plan = [e for e in events if isinstance(e, Plan)]
-    assert len(plan) == 1 and plan[0].budget_s == 12 and plan[0].predicted_s <= 12
+    assert len(plan) == 1 and plan[0].budget_s == 6 and plan[0].predicted_s <= 6
     record = json.loads((out / "run.json").read_text())
     planned = record["plan"]["epochs"]
     assert json.loads((out / "settings.json").read_text())["train"]["epochs"] == planned < 200
     assert first.status == "stopped" and first.reason == "time budget", first
     assert 1 <= first.epochs_done < planned and first.metrics["top1"] > 0.3  # the best so far, evaluated
-    assert record["plan"]["actual_s"] < 20 and record["status"] == "stopped"
+    assert record["plan"]["actual_s"] < 12 and record["status"] == "stopped"
     assert any("stopped at the time budget" in getattr(e, "text", "") for e in events)
     monkeypatch.setattr(plan_module, "measure", real)
     resumed = api.train(None, out, {"time_budget": "0"}, resume=True)

@@ -114,7 +114,7 @@ def feature_engine(model: nn.Module, job: Job, batch: torch.Tensor | None, event
     uint8 NCHW photos of the run to time and check the engines on (None: use what is remembered)."""
     if job.runtime.device.type != "cpu" or job.ranks.world_size > 1:
         return "torch", torch_features(model, job)
-    key, record_path = _key(job, model), cache_dir() / "engines.json"
+    key, record_path = _key(job, model), cache_dir() / "engines" / "choices.json"
     try:
         known = json.loads(record_path.read_text())
     except (OSError, ValueError):

@@ -182,7 +182,7 @@ def _scratch_rate(job: Job, model: nn.Module, tensors: list) -> float:
 
 
 def _layouts_path() -> Path:
-    return cache_dir() / "layouts.json"
+    return cache_dir() / "engines" / "layouts.json"
 
 
 @torch.no_grad()
