@@ -89,6 +89,13 @@ def test_create_upload_train_watch_predict(service, clothing, tmp_path):
         assert len(result["top"]) == 2 and result["ms"] > 0
         right += result["label"] == label
     assert right >= 2, "a model trained on 15 photos per class should get held-out hats, pants and shoes right"
+    photos = [sorted((clothing / "test" / label).glob("*.jpg"))[1] for label in ("hat", "shoes")]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos] + [("files", ("x.jpg", b"no", "x"))]
+    several = client.post(f"/v1/models/{model['id']}/predict?min_confidence=auto", files=files).json()["results"]
+    assert [r["name"] for r in several] == [p.name for p in photos] + ["x.jpg"]
+    assert (
+        all(r["label"] in (*CLASSES, "unknown") for r in several[:2]) and several[2]["error"]["code"] == "invalid_image"
+    )
 
 
 def test_keys_scopes_and_no_plaintext(service):

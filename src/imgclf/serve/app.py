@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgclf.core.errors import ImgclfError
-from imgclf.serve import catalog, inference, training
+from imgclf.serve import catalog, inference, nanonets, training
 from imgclf.serve.http import BodyLimit, Limits, ServiceError, error_body
 from imgclf.serve.store import Home, Store
 
@@ -87,4 +87,5 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
 
     for module in (catalog, training, inference):
         app.include_router(module.router, prefix="/v1")
+    app.include_router(nanonets.router)
     return app

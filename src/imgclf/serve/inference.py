@@ -7,8 +7,9 @@ import threading
 import time
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile  # what request.form() gives (FastAPI's is a subclass)
 
 from imgclf.core.errors import ImageError, ImgclfError
 from imgclf.core.rundir import RunDir
