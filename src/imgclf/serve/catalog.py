@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+import zipfile
+from pathlib import Path
 
 from fastapi import APIRouter, Body, Request, UploadFile
 from fastapi.responses import Response
@@ -179,7 +181,11 @@ def accept_image(store: Store, limits: Limits, model_id: str, category: dict, da
     except ImageError as exc:
         return {**rejected, "code": _reason_code(exc.reason), "reason": exc.reason}
     if min(width, height) < limits.min_side:
-        return {**rejected, "code": "too_small", "reason": f"{width}x{height}, under {limits.min_side} px a side"}
+        return {
+            **rejected,
+            "code": "too_small",
+            "reason": f"too small ({width}x{height}, under {limits.min_side} px a side)",
+        }
     sha256 = hashlib.sha256(data).hexdigest()
     twin = store.one(
         "SELECT i.id, c.name FROM images i JOIN categories c ON c.id = i.category_id "
@@ -266,3 +272,79 @@ def delete_image(request: Request, image_id: str) -> Response:
     if not request.app.state.store.execute("DELETE FROM images WHERE id = ?", image_id):
         raise ServiceError(404, "image_not_found", f"no image {image_id}")
     return Response(status_code=204)
+
+
+ZIP_ENTRIES = 20_000
+ZIP_TOTAL_BYTES = 2 * 2**30
+ZIP_RATIO = 200  # an image compresses little: far more than this is a bomb
+
+
+def _zip_entries(archive: zipfile.ZipFile, limits: Limits):
+    """``(category, name, bytes or None, reason)`` per entry of a zip of class folders, read into
+    memory with every size counted as it is read; nothing is extracted by the name it carries."""
+    infos = archive.infolist()
+    if len(infos) > ZIP_ENTRIES:
+        raise ServiceError(413, "zip_too_many_entries", f"at most {ZIP_ENTRIES} entries in a zip")
+    total = 0
+    for info in infos:
+        name = info.filename
+        if info.is_dir() or name.startswith("__MACOSX/") or Path(name).name.startswith("."):
+            continue
+        parts = Path(name).parts
+        if name.startswith("/") or ".." in parts or "\\" in name or (info.external_attr >> 16) & 0o170000 == 0o120000:
+            yield None, name, None, "unsafe entry (absolute, '..', or a link)"
+            continue
+        if len(parts) != 2:
+            yield None, name, None, "not inside a class folder (zip/CATEGORY/photo.jpg)"
+            continue
+        if info.file_size > limits.image_bytes or info.file_size > ZIP_RATIO * max(info.compress_size, 1):
+            yield parts[0], name, None, "too large, or compressed like a bomb"
+            continue
+        with archive.open(info) as handle:
+            data = handle.read(limits.image_bytes + 1)
+        total += len(data)
+        if total > ZIP_TOTAL_BYTES:
+            raise ServiceError(413, "zip_too_large", f"the zip holds more than {ZIP_TOTAL_BYTES} bytes")
+        yield parts[0], name, data, ""
+
+
+@router.post("/models/{model_id}/zip", dependencies=[require("train")])
+def upload_zip(request: Request, model_id: str, file: UploadFile) -> dict:
+    """A zip of class folders (``CATEGORY/photo.jpg``); folders that are not categories yet become
+    categories. Each entry is answered like an uploaded file."""
+    store, limits = request.app.state.store, request.app.state.limits
+    model_row(store, model_id)
+    try:
+        archive = zipfile.ZipFile(file.file)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise ServiceError(422, "not_a_zip", "the file is not a zip archive") from None
+    results = []
+    with archive:
+        for category_name, name, data, reason in _zip_entries(archive, limits):
+            if data is None:
+                results.append(
+                    {
+                        "name": name,
+                        "accepted": False,
+                        "code": "unsafe_entry" if category_name is None else "too_large",
+                        "reason": reason,
+                    }
+                )
+                continue
+            category = _category_named(store, model_id, check_name(category_name, "category"))
+            results.append(
+                {**accept_image(store, limits, model_id, category, data, name), "category": category["name"]}
+            )
+    return {
+        "accepted": sum(r["accepted"] for r in results),
+        "rejected": sum(not r["accepted"] for r in results),
+        "files": results,
+    }
+
+
+def _category_named(store: Store, model_id: str, name: str) -> dict:
+    row = store.one("SELECT * FROM categories WHERE model_id = ? AND name = ?", model_id, name)
+    if row is None:
+        store.execute("INSERT INTO categories VALUES (?, ?, ?)", new_id("cat"), model_id, name)
+        row = store.one("SELECT * FROM categories WHERE model_id = ? AND name = ?", model_id, name)
+    return row
