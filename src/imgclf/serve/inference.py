@@ -21,6 +21,7 @@ from imgclf.serve.store import Store
 
 router = APIRouter(tags=["predict"])
 _loading = threading.Lock()
+_one_at_a_time = threading.Lock()
 
 
 def predictor_for(app: FastAPI, model_id: str, number: int):
@@ -82,7 +83,15 @@ async def predict(request: Request, model_id: str, k: int = 5, min_confidence: s
 
 
 def _predict_all(clf, inputs: list[tuple[str, bytes]], k: int, threshold: float | None, limits) -> list[dict]:
-    """Decode and predict each input (off the event loop: this is the CPU's work)."""
+    """Decode and predict each input (off the event loop: this is the CPU's work). ONNX Runtime
+    sessions take concurrent calls; an OpenVINO infer request does not, so those take turns."""
+    if getattr(clf, "backend", "") == "openvino":
+        with _one_at_a_time:
+            return _predict_each(clf, inputs, k, threshold, limits)
+    return _predict_each(clf, inputs, k, threshold, limits)
+
+
+def _predict_each(clf, inputs: list[tuple[str, bytes]], k: int, threshold: float | None, limits) -> list[dict]:
     results = []
     for name, data in inputs:
         try:
