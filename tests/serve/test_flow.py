@@ -108,6 +108,12 @@ def test_keys_scopes_and_no_plaintext(service):
     assert reader.get("/v1/models").status_code == 200
     forbidden = reader.post("/v1/models", json={"name": "x", "categories": ["a", "b"]})
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+    from imgclf.serve.store import Home, Store
+
+    revoked_key = create_key(service.home, "train")
+    assert service.client(revoked_key).get("/v1/models").status_code == 200
+    Store(Home(service.home)).execute("UPDATE keys SET revoked = 1 WHERE scope = 'train'")
+    assert service.client(revoked_key).get("/v1/models").status_code == 401  # revoked: refused at once
     database = (service.home / "imgclf.db").read_bytes()
     assert service.admin.encode() not in database and service.admin[7:].encode() not in database
     rows = sqlite3.connect(service.home / "imgclf.db").execute("SELECT digest FROM keys").fetchall()
