@@ -22,6 +22,8 @@ from imgclf.core.events import Events, StopToken, channel, info, stop_token
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import Settings, as_settings, flat_overrides, from_dict
 from imgclf.data.audit import AuditReport, audit
+from imgclf.data.fetch import FetchSummary, fetch_urls
+from imgclf.data.fetch.img2dataset import import_img2dataset
 from imgclf.data.sources import scan
 from imgclf.evaluation import embed as embedding
 from imgclf.evaluation import run as evaluation
@@ -32,7 +34,7 @@ from imgclf.predictors import load as load_predictor
 from imgclf.training import fit
 from imgclf.training.distributed import is_main_process
 
-__all__ = ["check", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
+__all__ = ["check", "fetch", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
 
 PathLike = str | os.PathLike
 
@@ -52,6 +54,36 @@ def check(
     if out is not None:
         report.write_json(out)
     return report
+
+
+def fetch(
+    source: PathLike | list[PathLike],
+    out: PathLike = "data",
+    settings: Settings | dict | None = None,
+    *,
+    names: PathLike | None = None,
+    placeholders: list[PathLike] = (),
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    from_img2dataset: bool = False,
+    label_column: str = "label",
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> FetchSummary:
+    """Class folders under ``out`` from lists of image URLs (``source``: files or folders of them),
+    with every URL's outcome in ``out/.imgclf/fetch/manifest.jsonl``; a rerun resumes. With
+    ``from_img2dataset``, ``source`` is an img2dataset output folder to convert instead."""
+    settings = as_settings(settings)
+    inputs = list(source) if isinstance(source, (list, tuple)) else [source]
+    if from_img2dataset:
+        return import_img2dataset(
+            inputs[0], out, settings, channel(events), stop_token(stop), label_column=label_column,
+            placeholders=list(placeholders),
+        )  # fmt: skip
+    return fetch_urls(
+        inputs, out, settings, channel(events), stop_token(stop), names=names, placeholders=list(placeholders),
+        retry_failed=retry_failed, dry_run=dry_run,
+    )  # fmt: skip
 
 
 def train(

@@ -103,6 +103,29 @@ def serve(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def fetch(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.inputs and not args.from_img2dataset:
+        render.error_line("fetch: give URL lists (files or a folder), or --from-img2dataset DIR")
+        return 2
+    summary = api.fetch(
+        [args.from_img2dataset] if args.from_img2dataset else args.inputs,
+        args.out,
+        ctx.settings(args),
+        names=args.names,
+        placeholders=args.placeholders,
+        retry_failed=args.retry_failed,
+        dry_run=args.dry_run,
+        from_img2dataset=bool(args.from_img2dataset),
+        label_column=args.label_column,
+        events=ctx.events,
+        stop=ctx.stop,
+    )
+    render.fetch_summary(summary)
+    if summary.stopped:
+        return 130 if "SIGINT" in summary.stopped else 3
+    return 0
+
+
 def datasets(args: argparse.Namespace, ctx: Context) -> int:
     from imgclf.data.sources.idx import download  # the one command that uses the network
 
@@ -153,6 +176,7 @@ HANDLERS = {
     "predict": predict,
     "export": export,
     "serve": serve,
+    "fetch": fetch,
     "datasets": datasets,
     "demo": demo,
 }

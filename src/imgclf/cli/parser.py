@@ -17,7 +17,10 @@ SECTIONS_FOR = {
     "embed": ("system",),
     "similar": ("system",),
     "export": ("system",),
+    "fetch": ("fetch",),
 }
+# settings of other sections that a command reads too (fetch checks pictures as check does)
+EXTRA_SETTINGS = {"fetch": ("min_side", "max_pixels")}
 DATA_HELP = "folder of class folders, split folders, a CSV manifest or IDX files"
 
 
@@ -27,11 +30,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
+def _specs(command: str) -> list[tuple[str, list]]:
+    """(section, its fields) for every setting the command takes as a flag."""
+    groups = [(section, section_fields(section)) for section in SECTIONS_FOR[command]]
+    extra = EXTRA_SETTINGS.get(command, ())
+    if extra:
+        every = [spec for section in ("data", "system") for spec in section_fields(section)]
+        groups.append(("shared", [spec for spec in every if spec.name in extra]))
+    return groups
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, command: str, skip: tuple[str, ...] = ()) -> None:
     """One flag per setting; flags that are not given leave the setting to the config/defaults."""
-    for section in sections:
+    for section, specs in _specs(command):
         group = parser.add_argument_group(f"{section} settings")
-        for spec in section_fields(section):
+        for spec in specs:
             if spec.name in skip:
                 continue
             flag = "--" + spec.name.replace("_", "-")
@@ -59,7 +72,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
 
 def overrides(args: argparse.Namespace, command: str) -> dict:
     """The setting flags given on the command line, as flat overrides."""
-    names = {spec.name for section in SECTIONS_FOR[command] for spec in section_fields(section)}
+    names = {spec.name for _, specs in _specs(command) for spec in specs}
     return {name: value for name, value in vars(args).items() if name in names}
 
 
@@ -139,6 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="admin", help="keys create: admin, train or predict (default: admin)")
     p.add_argument("--name", default="", help="keys create: a note of what the key is for")
 
+    p = _command(sub, "fetch", "build class folders from lists of image URLs (dead links and placeholders weeded out)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="text files of URLs (one per class), a folder of them, CSV/TSV url,label, or ImageNet-style lists",
+    )
+    p.add_argument("--out", required=True, help="data folder to write (class folders + .imgclf/fetch/manifest.jsonl)")
+    p.add_argument("--names", help="ImageNet words.txt: wnid<TAB>name lines, to name the classes")
+    p.add_argument(
+        "--placeholder",
+        dest="placeholders",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a known stand-in picture to refuse (also re-encoded or resized copies); repeatable",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="retry the URLs whose last failure was transient")
+    p.add_argument(
+        "--dry-run", action="store_true", help="parse, de-duplicate and count per label and host; no network"
+    )
+    p.add_argument(
+        "--from-img2dataset",
+        metavar="DIR",
+        help="instead of downloading: turn an img2dataset output (parquet + files or tar shards) into class folders",
+    )
+    p.add_argument("--label-column", default="label", help="--from-img2dataset: the column holding the label")
+    p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
+
     p = _command(sub, "datasets", "get public data sets (needs a network)")
     p.add_argument("action", choices=["download"])
     p.add_argument("name", choices=["fashion-mnist", "mnist"])
@@ -148,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="demo_data/digits", help="where to write the digit images")
     p.add_argument("--out", default="runs/digits", help="run folder")
 
-    for name, sections in SECTIONS_FOR.items():
+    for name in SECTIONS_FOR:
         skip = ("model", "mode", "per_class") if name == "compare" else ()
-        _add_setting_flags(sub.choices[name], sections, skip)
+        _add_setting_flags(sub.choices[name], name, skip)
     return parser

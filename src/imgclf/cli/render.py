@@ -126,6 +126,26 @@ class Terminal:
         self._stage = ""
 
 
+def fetch_summary(summary) -> None:
+    """The per-label table on stdout, then where things are and what to do next on stderr."""
+    for line in summary.table():
+        say(line)
+    if summary.dry_run:
+        for host, n in list(summary.hosts.items())[:20]:
+            say(f"host {host}: {n} URLs")
+        say(f"dry run: {summary.by_kind['to_request']} URLs to request, nothing requested or written")
+        return
+    outcomes = ", ".join(f"{k} {v}" for k, v in summary.by_outcome.items())
+    print(
+        f"{summary.inputs} input rows: {outcomes}; {summary.processed} URLs in {summary.elapsed_s:.1f} s "
+        f"({summary.urls_per_s:.0f}/s). Manifest: {summary.out}/.imgclf/fetch/manifest.jsonl",
+        file=sys.stderr,
+        flush=True,
+    )
+    if summary.stopped:
+        print("stopped: run the same command again to finish", file=sys.stderr, flush=True)
+
+
 def say(text: str) -> None:
     """A result line on stdout."""
     print(text, flush=True)

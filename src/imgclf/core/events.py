@@ -9,6 +9,7 @@ list, and a process other than rank 0 passes :func:`ignore`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import threading
@@ -170,7 +171,8 @@ class Tracker:
 
     def _emit(self) -> None:
         elapsed = time.perf_counter() - self.started
-        self.events(Progress(self.stage, self.done, self.total, self.unit, round(elapsed, 3), dict(self.detail)))
+        detail = copy.deepcopy(self.detail)  # a face may keep the event; the detail goes on changing
+        self.events(Progress(self.stage, self.done, self.total, self.unit, round(elapsed, 3), detail))
         self._last = time.perf_counter()
 
     def advance(self, n: int = 1, **detail: Any) -> None:

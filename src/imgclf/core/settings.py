@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,34 @@ class PredictSettings:
 
 
 @dataclass
+class FetchSettings:
+    concurrency: int = setting(32, "fetch: URLs downloaded at once, in all")
+    per_host: int = setting(4, "fetch: URLs downloaded at once from one host (host:port)")
+    connect_timeout: float = setting(10.0, "fetch: seconds to wait for a connection")
+    read_timeout: float = setting(20.0, "fetch: seconds to wait for the next bytes of an answer")
+    url_timeout: float = setting(60.0, "fetch: seconds one URL may take in all, retries included (cuts off tricklers)")
+    retries: int = setting(3, "fetch: retries of a transient failure (connect error, timeout, 408/425/429/5xx)")
+    retry_after_cap: float = setting(30.0, "fetch: longest Retry-After honoured; a longer one gives up as rate_limited")
+    max_bytes: int = setting(20_000_000, "fetch: larger answers are refused while streaming (too_large)")
+    max_redirects: int = setting(5, "fetch: redirects followed, each hop checked; more is too_many_redirects")
+    breaker_failures: int = setting(3, "fetch: failed connections in a row after which a host is not tried again")
+    user_agent: str = setting("imgclf/0.1 (image classifier training-set builder)", "fetch: the User-Agent sent")
+    respect_noai: bool = setting(True, "fetch: honour X-Robots-Tag noai / noimageai (robots_denied)")
+    placeholder_url: str = setting("", "fetch: regex of placeholder URLs, added to the built-in Flickr and imgur ones")
+    quarantine_after: int = setting(3, "fetch: content served for this many distinct URLs is a suspected placeholder")
+    conflicts: str = setting(
+        "drop",
+        "fetch: the same photo under two labels: drop it, or keep it under the first label",
+        choices=("drop", "first"),
+    )
+    min_bytes: int = setting(0, "fetch: smaller files are too_small (0: any; small real thumbnails exist)")
+    max_aspect: float = setting(0.0, "fetch: a longer side over this many times the shorter is bad_aspect (0: any)")
+    max_side: int = setting(0, "fetch: downscale kept images to at most this many pixels on the long side (0: keep)")
+    max_per_class: int = setting(0, "fetch: stop at this many good images per class, kept balanced (0: all)")
+    keep_rejected: bool = setting(False, "fetch: keep rejected content under DATA_DIR/_rejected/<reason>/ for a look")
+
+
+@dataclass
 class SystemSettings:
     """How this machine runs the work, never what is learned: the one section that ``--resume``
     may change, and that train, predict, export and the service all read."""
@@ -149,6 +178,7 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
     system: SystemSettings = field(default_factory=SystemSettings)
 
     def to_dict(self) -> dict:
@@ -229,12 +259,26 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"setting 'device': '{s.device}' is not auto, cpu, cuda or cuda:N")
     if not 0 < settings.evaluate.target_precision < 1:
         raise SettingsError("target_precision must be between 0 and 1 (e.g. 0.95)")
+    _validate_fetch(settings.fetch)
     confidence = settings.predict.min_confidence
     if confidence not in ("", "auto"):
         try:
             float(confidence)
         except ValueError:
             raise SettingsError(f"min_confidence: '{confidence}' is neither a number nor auto") from None
+
+
+def _validate_fetch(f: FetchSettings) -> None:
+    if f.concurrency < 1 or f.per_host < 1 or f.retries < 0 or f.max_redirects < 0 or f.quarantine_after < 2:
+        raise SettingsError("concurrency and per_host must be at least 1, retries and max_redirects at least 0, "
+                            "quarantine_after at least 2")  # fmt: skip
+    if min(f.connect_timeout, f.read_timeout, f.url_timeout) <= 0 or f.max_bytes < 1:
+        raise SettingsError("connect_timeout, read_timeout, url_timeout and max_bytes must be positive")
+    if f.placeholder_url:
+        try:
+            re.compile(f.placeholder_url)
+        except re.error as exc:
+            raise SettingsError(f"setting 'placeholder_url': {f.placeholder_url!r} is not a regex ({exc})") from None
 
 
 def parse_duration(text: str) -> float:

@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 
 from imgclf.core.errors import DataError
+from imgclf.data.fetch.labels import RESERVED_FOLDERS
 from imgclf.data.images import is_image_name
 from imgclf.data.sources.base import LEVEL_SEP, SPLIT_NAMES, Sample, ScanResult, Source
+
+REJECTED = RESERVED_FOLDERS[0]
 
 
 def _walk_images(top: Path) -> tuple[list[Path], list[dict], int]:
@@ -26,7 +29,8 @@ def _walk_images(top: Path) -> tuple[list[Path], list[dict], int]:
             dirnames[:] = []
             continue
         seen_dirs.add(key)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # hidden folders, and the rejects imgclf fetch --keep-rejected keeps for a look, are no classes
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != REJECTED)
         for filename in sorted(filenames):
             if filename.startswith("."):
                 continue
