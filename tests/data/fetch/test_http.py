@@ -245,3 +245,35 @@ def test_small_pictures_are_too_small(tmp_path, serve, size):
     s = serve({"/p.png": Reply(picture.getvalue(), content_type="image/png")})
     _, records, _ = run_fetch(tmp_path, {"a": [s.url("/p.png")]}, min_side=32)
     assert records[s.url("/p.png")]["outcome"] == "too_small"
+
+
+def test_keep_rejected_max_side_min_bytes_and_aspect(tmp_path, serve, photos):
+    wide = io.BytesIO()
+    Image.new("RGB", (900, 60), (200, 20, 20)).save(wide, "PNG")
+    s = serve(
+        {
+            "/truncated.jpg": Reply(photos[16][:3000]),
+            "/wide.png": Reply(wide.getvalue(), content_type="image/png"),
+            "/big.jpg": Reply(photos[17]),
+            **{f"/same{i}.jpg": Reply(photos[18]) for i in range(3)},
+            "/ftp-redirect": Redirect("ftp://example.com/a.jpg"),
+        }
+    )
+    urls = [s.url(p) for p in ("/truncated.jpg", "/wide.png", "/big.jpg", "/ftp-redirect")]
+    urls += [s.url(f"/same{i}.jpg") for i in range(3)]
+    _, records, _ = run_fetch(tmp_path, {"a": urls}, keep_rejected=True, max_side=200, max_aspect=10.0)
+    got = {url.rsplit("/", 1)[1]: r for url, r in records.items()}
+    assert got["truncated.jpg"]["outcome"] == "decode_error"
+    assert got["wide.png"]["outcome"] == "bad_aspect"
+    assert got["ftp-redirect"]["outcome"] == "invalid_url" and "redirect" in got["ftp-redirect"]["error"]
+    data = tmp_path / "data"
+    assert len(list((data / "_rejected" / "decode_error").iterdir())) == 1
+    assert len(list((data / "_rejected" / "bad_aspect").iterdir())) == 1
+    assert len(list((data / "_rejected" / "suspected_placeholder").iterdir())) == 1  # moved out of the class
+    kept = kept_files(data)
+    assert kept == [got["big.jpg"]["path"]]
+    with Image.open(data / kept[0]) as image:
+        assert max(image.size) == 200  # downscaled; the record keeps the size that arrived
+    assert (got["big.jpg"]["width"], got["big.jpg"]["height"]) == Image.open(io.BytesIO(photos[17])).size
+    _, records, _ = run_fetch(tmp_path, {"a": [s.url("/big.jpg")]}, name="small", min_bytes=len(photos[17]) + 1)
+    assert records[s.url("/big.jpg")]["outcome"] == "too_small"
