@@ -34,11 +34,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
+def start_service(home: Path, env: dict, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(home.parent / f"service-{port}.log", "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgclf.cli", "serve", "--home", str(home), "--port", str(port)],
+        [sys.executable, "-m", "imgclf.cli", "serve", "--home", str(home), "--port", str(port), *extra],
         stdout=log,
         stderr=log,
         env=env,
@@ -64,14 +64,36 @@ def stop_service(process: subprocess.Popen) -> None:
         process.kill()
 
 
+@pytest.fixture(scope="session")
+def photo_server(clothing):
+    """Test photos of clothing-small by URL (``/<label>/<n>.jpg``) on 127.0.0.1, for URL uploads
+    and predictions; ``/to-internal`` redirects to another port, which is not allowed."""
+    from tests.data.fetch.server import Redirect, Reply, Server
+
+    internal = Server({"/secret.jpg": Reply(b"never")}).__enter__()
+    routes = {
+        f"/{label}/{n}.jpg": Reply(path.read_bytes())
+        for label in ("hat", "pants", "shoes")
+        for n, path in enumerate(sorted((clothing / "test" / label).glob("*.jpg"))[:12])
+    }
+    routes["/to-internal"] = Redirect(internal.url("/secret.jpg"))
+    routes["/page"] = Reply(b"<!DOCTYPE html><html>moved</html>", content_type="text/html")
+    server = Server(routes).__enter__()
+    server.internal = internal
+    yield server
+    server.__exit__(None, None, None)
+    internal.__exit__(None, None, None)
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory) -> Service:
+def service(tmp_path_factory, photo_server) -> Service:
     from imgclf.serve import create_key
 
     root = tmp_path_factory.mktemp("service")
     home = root / "home"
     admin = create_key(home, "admin", "tests")
     env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "cache")}
-    process, url = start_service(home, env)
+    allowed = f"127.0.0.1:{photo_server.port}"  # loopback is refused unless named, as an operator would
+    process, url = start_service(home, env, ("--allow-url-uploads", "--url-allow-host", allowed))
     yield Service(url, home, admin, process)
     stop_service(process)

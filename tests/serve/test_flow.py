@@ -32,7 +32,7 @@ def _wait_for(client, job_id: str, timeout: float = 400) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_create_upload_train_watch_predict(service, clothing, tmp_path):
+def test_create_upload_train_watch_predict(service, clothing, tmp_path, photo_server):
     client = service.client()
     created = client.post("/v1/models", json={"name": "shop", "categories": list(CLASSES)})
     assert created.status_code == 201, created.text
@@ -96,6 +96,15 @@ def test_create_upload_train_watch_predict(service, clothing, tmp_path):
     assert (
         all(r["label"] in (*CLASSES, "unknown") for r in several[:2]) and several[2]["error"]["code"] == "invalid_image"
     )
+    urls = [
+        photo_server.url("/shoes/3.jpg"),
+        "http://169.254.169.254/latest/meta-data/",
+        photo_server.url("/hat/3.jpg"),
+    ]
+    by_url = client.post(f"/v1/models/{model['id']}/predict", json={"urls": urls}).json()["results"]
+    assert [r["name"] for r in by_url] == urls  # in the order asked
+    assert by_url[0]["label"] in CLASSES and by_url[2]["label"] in CLASSES
+    assert by_url[1]["error"]["code"] == "blocked_address"
 
 
 def test_keys_scopes_and_no_plaintext(service):

@@ -99,7 +99,8 @@ def serve(args: argparse.Namespace, ctx: Context) -> int:
     if args.action:
         render.error_line(f"serve: unknown action '{' '.join(args.action)}' (expected: keys create)")
         return 2
-    service.run_service(args.home, args.host, args.port)
+    limits = service.Limits(url_uploads=args.allow_url_uploads, url_allow_hosts=tuple(args.url_allow_hosts))
+    service.run_service(args.home, args.host, args.port, limits=limits)
     return 0
 
 

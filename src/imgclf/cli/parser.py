@@ -151,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--scope", default="admin", help="keys create: admin, train or predict (default: admin)")
     p.add_argument("--name", default="", help="keys create: a note of what the key is for")
+    p.add_argument(
+        "--allow-url-uploads",
+        action="store_true",
+        help="let clients send photos by URL (upload and predict); only public addresses are fetched",
+    )
+    p.add_argument(
+        "--url-allow-host",
+        dest="url_allow_hosts",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="with --allow-url-uploads: a host that is not public but may be fetched (repeatable)",
+    )
 
     p = _command(sub, "fetch", "build class folders from lists of image URLs (dead links and placeholders weeded out)")
     p.add_argument(

@@ -78,7 +78,10 @@ class OnnxClassifier(BasePredictor):
         # Spinning threads would take the cores from the photo decoding that runs beside the model
         # (measured on 2 cores: 170 vs 160 img/s end to end).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...) derive from Exception
+            raise BundleError(f"{self.model_path}: ONNX Runtime cannot load it ({exc}); export it again") from None
 
     def _batch_runner(self, batches: int):
         """Two batches at once, each on half the cores, when a job has several: a batch on all

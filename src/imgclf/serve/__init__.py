@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from imgclf.core.errors import SettingsError
+from imgclf.serve.http import Limits
 from imgclf.serve.store import Home, Store
 
 
@@ -31,7 +32,9 @@ def create_key(home: str | Path, scope: str, name: str = "") -> str:
         raise SettingsError(f"--scope: {exc}") from None
 
 
-def run_service(home: str | Path, host: str = "127.0.0.1", port: int = 8000, worker: bool = True) -> None:
+def run_service(
+    home: str | Path, host: str = "127.0.0.1", port: int = 8000, worker: bool = True, limits: Limits | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn in this process, the worker beside it. On shutdown
     uvicorn finishes the requests in flight and the worker hands its running job back to the
     queue (the next start resumes it)."""
@@ -48,7 +51,7 @@ def run_service(home: str | Path, host: str = "127.0.0.1", port: int = 8000, wor
     supervisor = _Supervisor(home) if worker else None
     try:
         uvicorn.run(
-            create_app(home.path),
+            create_app(home.path, limits),
             host=host,
             port=port,
             log_level="warning",

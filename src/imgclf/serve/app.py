@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgclf.core.errors import ImgclfError
-from imgclf.serve import catalog, inference, nanonets, training
+from imgclf.serve import catalog, inference, nanonets, training, urls
 from imgclf.serve.http import BodyLimit, Limits, ServiceError, error_body
 from imgclf.serve.store import Home, Store
 
@@ -85,7 +85,7 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
             raise ServiceError(503, "low_disk", f"only {free // 2**20} MB free in {store.home.path}")
         return {"ok": True, "free_disk_mb": free // 2**20}
 
-    for module in (catalog, training, inference):
+    for module in (catalog, urls, training, inference):
         app.include_router(module.router, prefix="/v1")
     app.include_router(nanonets.router)
     return app

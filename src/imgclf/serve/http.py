@@ -23,6 +23,8 @@ class Limits:
     min_side: int = 32
     min_per_category: int = 10  # photos per category before a model can be trained
     min_free_disk: int = 512 * 2**20
+    url_uploads: bool = False  # photos by URL (upload and predict): off unless the operator allows it
+    url_allow_hosts: tuple[str, ...] = ()  # host:port allowed although not public (an internal image server)
 
 
 class ServiceError(Exception):

@@ -18,6 +18,7 @@ from imgclf.predictors import UNKNOWN, load
 from imgclf.serve.catalog import model_row
 from imgclf.serve.http import ServiceError, require
 from imgclf.serve.store import Store
+from imgclf.serve.urls import fetch_bodies
 
 router = APIRouter(tags=["predict"])
 _loading = threading.Lock()
@@ -57,16 +58,21 @@ def _answer(clf, image, k: int, threshold: float | None, name: str) -> dict:
 
 @router.post("/models/{model_id}/predict", dependencies=[require("predict")])
 async def predict(request: Request, model_id: str, k: int = 5, min_confidence: str = "", version: int | None = None):
-    """Labels for a raw image body (``Content-Type: image/...``) or multipart ``files``."""
+    """Labels for a raw image body (``Content-Type: image/...``), multipart ``files``, or JSON
+    ``{"urls": [...]}`` where the operator allows URLs."""
     store: Store = request.app.state.store
     model = model_row(store, model_id)
     number = version or model["active_version"]
     if not number:
         raise ServiceError(409, "not_trained", "this model has no trained version yet: train it first")
     clf = predictor_for(request.app, model_id, number)
-    if request.headers.get("content-type", "").startswith("multipart/"):
+    failed: dict[int, dict] = {}
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/"):
         form = await request.form(max_files=request.app.state.limits.files_per_request)
         inputs = [(f.filename or "upload", await f.read()) for f in form.getlist("files") if isinstance(f, UploadFile)]
+    elif content_type.startswith("application/json"):
+        inputs, failed = await _inputs_from_urls(request)
     else:
         inputs = [("body", await request.body())]
     if not inputs:
@@ -75,11 +81,24 @@ async def predict(request: Request, model_id: str, k: int = 5, min_confidence: s
         threshold = clf.confidence_threshold(min_confidence or None)
     except ImgclfError as exc:
         raise ServiceError(422, exc.code, str(exc)) from None
-    return {
-        "model_id": model_id,
-        "version": number,
-        "results": await run_in_threadpool(_predict_all, clf, inputs, k, threshold, request.app.state.limits),
-    }
+    results = await run_in_threadpool(_predict_all, clf, inputs, k, threshold, request.app.state.limits)
+    for position in sorted(failed):  # URLs that gave no photo keep their place in the answer
+        results.insert(position, failed[position])
+    return {"model_id": model_id, "version": number, "results": results}
+
+
+async def _inputs_from_urls(request: Request) -> tuple[list[tuple[str, bytes]], dict[int, dict]]:
+    try:
+        urls = (await request.json()).get("urls")
+    except (ValueError, AttributeError):
+        raise ServiceError(422, "invalid_urls", 'send JSON like {"urls": ["https://..."]}') from None
+    inputs, failed = [], {}
+    for position, (url, body, error) in enumerate(await fetch_bodies(urls, request.app.state.limits, "predicting")):
+        if body is None:
+            failed[position] = {"name": url, "error": {"code": error["code"], "message": error["reason"]}}
+        else:
+            inputs.append((url, body))
+    return inputs, failed
 
 
 def _predict_all(clf, inputs: list[tuple[str, bytes]], k: int, threshold: float | None, limits) -> list[dict]:

@@ -17,6 +17,7 @@ from imgclf.serve.http import SCOPES, ServiceError
 from imgclf.serve.inference import _predict_all, predictor_for
 from imgclf.serve.store import Store, new_id
 from imgclf.serve.training import train as start
+from imgclf.serve.urls import accept_urls, fetch_bodies
 
 router = APIRouter(prefix="/api/v2/ImageCategorization", tags=["nanonets"])
 # Nanonets' model states: -1 error, 0 created, 1 images uploaded, 2 ready to train, 3 queued,
@@ -47,18 +48,24 @@ def _check(request: Request, scope: str) -> None:
         raise ServiceError(403, "forbidden", f"this key's scope is {granted}; this needs {scope}")
 
 
+LIST_FIELDS = ("categories", "urls")  # form fields Nanonets clients repeat, one value each
+
+
 async def _fields(request: Request) -> tuple[dict, list[UploadFile]]:
     """Form fields (urlencoded or multipart) merged over the query string, and the uploaded files."""
     form = await request.form(max_files=request.app.state.limits.files_per_request)
     fields = dict(request.query_params)
+    lists: dict[str, list[str]] = {name: request.query_params.getlist(name) for name in LIST_FIELDS}
     for name, value in form.multi_items():
         if isinstance(value, UploadFile) and name != "file":
             # requests sends ('', value) fields as parts with an empty file name: they are values
             value = (await value.read(4096)).decode("utf-8", errors="replace")
         if not isinstance(value, UploadFile):
             fields.setdefault(name, value)
+            if name in LIST_FIELDS:
+                lists[name].append(value)
     files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
-    return {**fields, "categories": form.getlist("categories") or request.query_params.getlist("categories")}, files
+    return {**fields, **lists}, files
 
 
 def _model_object(store: Store, model_id: str, limits) -> dict:
@@ -125,7 +132,15 @@ async def upload_file(request: Request) -> dict:
 @router.post("/UploadUrls/")
 async def upload_urls(request: Request) -> dict:
     _check(request, "train")
-    raise ServiceError(400, "urls_not_allowed", "uploading by URL is off on this server; upload the files")
+    fields, _ = await _fields(request)
+    store, limits = request.app.state.store, request.app.state.limits
+    model_id = _model_id(fields)
+    model_row(store, model_id)
+    category = store.one("SELECT * FROM categories WHERE model_id = ? AND name = ?", model_id, fields.get("category"))
+    if category is None:
+        raise ServiceError(400, "unknown_category", f"the model has no category '{fields.get('category')}'")
+    await accept_urls(request, model_id, category, fields["urls"])
+    return _model_object(store, model_id, limits)
 
 
 @router.post("/Train/")
@@ -177,4 +192,10 @@ async def label_file(request: Request) -> dict:
 @router.post("/LabelUrls/")
 async def label_urls(request: Request) -> dict:
     _check(request, "predict")
-    raise ServiceError(400, "urls_not_allowed", "predicting by URL is off on this server; send the file")
+    fields, _ = await _fields(request)
+    fetched = await fetch_bodies(fields["urls"], request.app.state.limits, "predicting")
+    answer = await _label(request, [(url, body) for url, body, _ in fetched if body is not None], _model_id(fields))
+    answer["result"] += [
+        {"message": error["reason"], "file": url, "prediction": []} for url, body, error in fetched if body is None
+    ]
+    return answer

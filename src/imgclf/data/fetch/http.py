@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import re
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -56,6 +59,10 @@ class HttpLimits:
     placeholder_urls: tuple[str, ...] = BUILTIN_PLACEHOLDER_URLS
     backoff_initial: float = 0.2
     backoff_jitter: float = 0.3
+    # a service fetching URLs that users send: only addresses on the public internet, checked at
+    # every hop after the name is resolved; allow_hosts ("host:port") are the operator's exceptions
+    public_only: bool = False
+    allow_hosts: tuple[str, ...] = ()
 
 
 class Failure(Exception):
@@ -171,10 +178,12 @@ class Downloader:
             return False
         return min(exc.retry_after, self.limits.retry_after_cap) if exc.retry_after is not None else True
 
-    async def get(self, url: str, attempts: Attempts) -> Response:
-        """The body of ``url``, or :class:`Failure` with its outcome, within the URL's deadline."""
+    async def get(self, url: str, attempts: Attempts, into: Path | None = None) -> Response:
+        """The body of ``url``, or :class:`Failure` with its outcome, within the URL's deadline.
+        With ``into``, any content (not only images) is streamed to that file instead of memory."""
         try:
-            return await asyncio.wait_for(self._retrying(self._attempt, url, attempts), self.limits.url_timeout)
+            call = self._retrying(self._attempt, url, attempts, into)
+            return await asyncio.wait_for(call, self.limits.url_timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise Failure("timeout", f"no complete answer within {self.limits.url_timeout:g} s") from None
 
@@ -200,6 +209,29 @@ class Downloader:
                     )
                 yield host
 
+    async def _check_address(self, url: str, hop: int) -> None:
+        """With ``public_only``: refuse a host that is, or resolves to, a private, loopback,
+        link-local or otherwise non-public address (what a server-side request forgery aims at).
+        The name is resolved again when httpx connects; a DNS answer that changes in between
+        (rebinding) is not caught here."""
+        if not self.limits.public_only:
+            return
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if f"{parts.hostname}:{port}" in self.limits.allow_hosts:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise Failure("connect_error", f"cannot resolve {parts.hostname} ({exc})") from None
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
+                address = address.ipv4_mapped
+            if not address.is_global:
+                where = "redirected to" if hop else "is"
+                raise Failure("blocked_address", f"{where} {parts.hostname} ({address}), not a public address")
+
     def _check_hop(self, url: str, hop: int, seen: set[str]) -> None:
         if any(p.search(url) for p in self._placeholder):
             raise Failure("placeholder", f"{'redirected to' if hop else 'is'} a known placeholder: {url}")
@@ -208,16 +240,17 @@ class Downloader:
         if hop > self.limits.max_redirects:
             raise Failure("too_many_redirects", f"more than {self.limits.max_redirects} redirects")
 
-    async def _attempt(self, url: str, attempts: Attempts) -> Response:
+    async def _attempt(self, url: str, attempts: Attempts, into: Path | None = None) -> Response:
         redirects: list[str] = []
         seen: set[str] = set()
         for hop in range(self.limits.max_redirects + 2):
             self._check_hop(url, hop, seen)
+            await self._check_address(url, hop)
             seen.add(url)
             attempts.final_url = url
             async with self._turn(url) as host:
                 attempts.count += hop == 0
-                location, response = await self._request(url, host, attempts)
+                location, response = await self._request(url, host, attempts, into)
             if response is not None:
                 response.redirects = redirects
                 return response
@@ -225,7 +258,9 @@ class Downloader:
             url = location
         raise Failure("too_many_redirects", f"more than {self.limits.max_redirects} redirects")
 
-    async def _request(self, url: str, host: _Host, attempts: Attempts) -> tuple[str, Response | None]:
+    async def _request(
+        self, url: str, host: _Host, attempts: Attempts, into: Path | None
+    ) -> tuple[str, Response | None]:
         try:
             async with self._client.stream("GET", url) as reply:
                 host.failures = 0
@@ -236,7 +271,7 @@ class Downloader:
                         raise Failure("invalid_url", f"redirect to {target}: {error}", reply.status_code)
                     return target, None
                 self._check_status(reply)
-                body = await self._read_body(reply)
+                body = await (self._read_body(reply) if into is None else self._save_body(reply, into))
                 return url, Response(body, reply.status_code, url, reply.headers.get("content-type", ""))
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             host.failures += 1
@@ -278,6 +313,16 @@ class Downloader:
             detail = f"Content-Length {declared} is over max_bytes {self.limits.max_bytes}"
             raise Failure("too_large", detail, reply.status_code)
 
+    async def _save_body(self, reply: httpx.Response, into: Path) -> bytes:
+        size = 0
+        with open(into, "wb") as handle:  # each attempt starts the file again
+            async for chunk in reply.aiter_bytes():
+                size += len(chunk)
+                if size > self.limits.max_bytes:
+                    raise Failure("too_large", f"over max_bytes {self.limits.max_bytes} while streaming")
+                handle.write(chunk)
+        return b""
+
     async def _read_body(self, reply: httpx.Response) -> bytes:
         chunks: list[bytes] = []
         size, sniffed = 0, False
@@ -293,3 +338,14 @@ class Downloader:
         if not sniffed:
             self._check_start(body[:SNIFF_BYTES], reply)
         return body
+
+
+def download_file(url: str, path: Path, limits: HttpLimits) -> None:
+    """Stream one file (any content) to ``path`` with the same retries, deadlines and caps;
+    raises :class:`Failure`. For ``imgclf datasets download``."""
+
+    async def save() -> None:
+        async with Downloader(limits) as downloader:
+            await downloader.get(url, Attempts(), into=path)
+
+    asyncio.run(save())

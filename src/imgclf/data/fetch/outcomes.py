@@ -23,6 +23,7 @@ FINAL = (
     + (
         "label_conflict",  # the same photo (or URL) under two labels: no file is kept
         "invalid_url",  # not http(s), no host, unparseable
+        "blocked_address",  # a private, loopback or link-local address where only public ones are allowed
         "not_found",  # 404, 410
         "forbidden",  # 401, 403, 451
         "http_error",  # any other 4xx

@@ -11,16 +11,17 @@ import functools
 import gzip
 import hashlib
 import re
-import shutil
 import struct
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgclf.core.errors import DataError, ImageError
+from imgclf.data.fetch.http import Failure, HttpLimits, download_file
 from imgclf.data.sources.base import Reader, Sample, ScanResult, Source
+
+DOWNLOAD_LIMITS = HttpLimits(read_timeout=60.0, url_timeout=900.0, max_bytes=200_000_000, user_agent="imgclf/0.1")
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -213,13 +214,10 @@ def download(name: str, folder: str | Path) -> Path:
         destination = target / filename
         if not destination.exists() or _md5(destination) != spec["md5"][filename]:
             partial = destination.with_suffix(".part")
-            try:
-                with (
-                    urllib.request.urlopen(spec["base"] + filename, timeout=60) as response,
-                    open(partial, "wb") as out,
-                ):
-                    shutil.copyfileobj(response, out)
-            except OSError as exc:
+            try:  # the engine of imgclf fetch: retries with backoff, deadlines, a size cap
+                download_file(spec["base"] + filename, partial, DOWNLOAD_LIMITS)
+            except (Failure, OSError) as exc:
+                partial.unlink(missing_ok=True)
                 raise DataError(f"cannot download {spec['base'] + filename}: {exc}") from None
             if _md5(partial) != spec["md5"][filename]:
                 partial.unlink()
