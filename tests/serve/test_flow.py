@@ -188,3 +188,48 @@ def test_a_new_version_takes_over_while_predictions_go_on_and_a_damaged_one_is_r
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "version_unusable"
     still = client.post(f"/v1/models/{model['id']}/predict", content=photo, headers={"Content-Type": "image/jpeg"})
     assert still.status_code == 200 and still.json()["version"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_under_prediction_load_finishes_what_is_in_flight_and_turns_new_requests_away(service, clothing):
+    """Last in this module: it stops the service."""
+    import signal
+    import threading
+
+    client = service.client()
+    model = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "shop")
+    photo = sorted((clothing / "test" / "shoes").glob("*.jpg"))[4].read_bytes()
+    answers, stop = [], threading.Event()
+
+    def keep_predicting():
+        with service.client() as own:
+            while not stop.is_set():
+                try:
+                    response = own.post(f"/v1/models/{model['id']}/predict", content=photo,
+                                        headers={"Content-Type": "image/jpeg"})  # fmt: skip
+                except httpx.TransportError as exc:  # after the drain the socket closes: no answer at all
+                    answers.append(("closed", type(exc).__name__))
+                    return
+                answers.append((response.status_code, response.json()["error"]["code"] if response.is_error else ""))
+
+    threads = [threading.Thread(target=keep_predicting) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    served_before = len(answers)
+    service.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while service.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert service.process.returncode is not None, "the service did not stop within 60 s of SIGTERM"
+    kinds = {status for status, _ in answers}
+    assert served_before > 0 and kinds <= {200, 503, "closed"}, answers[-20:]  # no 500, no broken answer
+    assert (503, "shutting_down") in answers  # new requests were turned away while the others finished
+    first_503 = answers.index((503, "shutting_down"))
+    assert all(status == 200 for status, _ in answers[:first_503])
+
+
+httpx = pytest.importorskip("httpx")

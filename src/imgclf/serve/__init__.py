@@ -41,6 +41,7 @@ def run_service(
     import uvicorn
 
     from imgclf.serve.app import create_app
+    from imgclf.serve.server import DrainingServer
 
     home = Home(home)
     if not is_loopback(host) and not Store(home).has_keys():
@@ -49,15 +50,12 @@ def run_service(
             f"make one first: imgclf serve keys create --home {home.path} --scope admin"
         )
     supervisor = _Supervisor(home) if worker else None
+    app = create_app(home.path, limits)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=30
+    )
     try:
-        uvicorn.run(
-            create_app(home.path, limits),
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_keep_alive=5,
-            timeout_graceful_shutdown=30,
-        )
+        DrainingServer(config, app.state).run()
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -65,7 +65,11 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
     app.state.limits = limits or Limits()
     app.state.predictors = {}
     _handlers(app)
-    app.add_middleware(BodyLimit, limit=app.state.limits.body_bytes)
+    app.state.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
+    app.state.predicting = 0  # predictions being answered or waiting (bounded by limits.predict_queue)
+    app.add_middleware(
+        BodyLimit, limit=app.state.limits.body_bytes, timeout=app.state.limits.body_timeout, state=app.state
+    )
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from imgclf.core.atomic import atomic_write
 from imgclf.core.errors import ImageError
 from imgclf.data.images import decode_image_bytes
-from imgclf.serve.http import Limits, ServiceError, require
+from imgclf.serve.http import Limits, ServiceError, require, require_disk
 from imgclf.serve.store import Store, new_id
 
 router = APIRouter(tags=["models"])
@@ -227,6 +227,7 @@ def upload_images(request: Request, model_id: str, category_id: str, files: list
         raise ServiceError(404, "category_not_found", f"no category {category_id} in model {model_id}")
     if len(files) > limits.files_per_request:
         raise ServiceError(413, "too_many_files", f"at most {limits.files_per_request} files per request")
+    require_disk(store, limits)
     results = [
         accept_image(
             store, limits, model_id, category, upload.file.read(limits.image_bytes + 1), upload.filename or "upload"
@@ -314,6 +315,7 @@ def upload_zip(request: Request, model_id: str, file: UploadFile) -> dict:
     categories. Each entry is answered like an uploaded file."""
     store, limits = request.app.state.store, request.app.state.limits
     model_row(store, model_id)
+    require_disk(store, limits)
     try:
         archive = zipfile.ZipFile(file.file)
     except (zipfile.BadZipFile, OSError, ValueError):

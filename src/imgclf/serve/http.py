@@ -3,6 +3,8 @@ guard."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,10 @@ class Limits:
     min_side: int = 32
     min_per_category: int = 10  # photos per category before a model can be trained
     min_free_disk: int = 512 * 2**20
+    predict_queue: int = 32  # predictions being answered or waiting; more get 503 with Retry-After
+    queued_jobs: int = 8  # training jobs waiting in all; more get 429 with Retry-After
+    body_timeout: float = 30.0  # seconds a client may take between two pieces of its body (slow clients: 408)
+    drain_seconds: float = 2.0  # after SIGTERM: new requests get 503 while those in flight finish
     url_uploads: bool = False  # photos by URL (upload and predict): off unless the operator allows it
     url_allow_hosts: tuple[str, ...] = ()  # host:port allowed although not public (an internal image server)
 
@@ -41,14 +47,20 @@ def error_body(code: str, message: str, details: dict | None = None) -> dict:
 
 class BodyLimit:
     """ASGI middleware: a request body over the limit is answered 413 as soon as it is counted,
-    with or without a Content-Length (a chunked upload cannot slip past)."""
+    with or without a Content-Length (a chunked upload cannot slip past); a client that sends
+    nothing for ``timeout`` seconds in the middle of its body is answered 408 (slow loris); after
+    SIGTERM (``draining``) new requests are answered 503 while those in flight finish."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float, state):
+        self.app, self.limit, self.timeout, self.state = app, limit, timeout, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.draining:
+            return await _answer(
+                send, 503, "shutting_down", "the service is restarting; try again", {"Retry-After": "5"}
+            )
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
@@ -56,7 +68,14 @@ class BodyLimit:
 
         async def counting_receive():
             nonlocal seen, answered, rejected
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                if not answered:
+                    message = f"no part of the request body came for {self.timeout:g} s"
+                    await _answer(send, 408, "request_timeout", message, {"Connection": "close"})
+                    answered = rejected = True
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -76,9 +95,24 @@ class BodyLimit:
         await self.app(scope, counting_receive, guarded_send)
 
 
+async def _answer(send, status: int, code: str, message: str, headers: dict) -> None:
+    response = JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    await response({"type": "http"}, None, send)
+
+
 async def _too_large(send, limit: int) -> None:
     response = JSONResponse(error_body("body_too_large", f"the request body is over {limit} bytes"), status_code=413)
     await response({"type": "http"}, None, send)
+
+
+def require_disk(store: Store, limits: Limits) -> None:
+    """507 before anything is written when the disk is nearly full."""
+    free = shutil.disk_usage(store.home.path).free
+    if free < limits.min_free_disk:
+        raise ServiceError(
+            507, "insufficient_storage", f"only {free // 2**20} MB free on the service's disk; free some space "
+            f"(at least {limits.min_free_disk // 2**20} MB) and try again",
+        )  # fmt: skip
 
 
 def bearer_key(request: Request) -> str:

@@ -59,6 +59,23 @@ def _answer(clf, image, k: int, threshold: float | None, name: str) -> dict:
 @router.post("/models/{model_id}/predict", dependencies=[require("predict")])
 async def predict(request: Request, model_id: str, k: int = 5, min_confidence: str = "", version: int | None = None):
     """Labels for a raw image body (``Content-Type: image/...``), multipart ``files``, or JSON
+    ``{"urls": [...]}`` where the operator allows URLs. 503 with Retry-After when ``predict_queue``
+    predictions are already being answered or waiting: a fast no beats a slow timeout."""
+    state = request.app.state
+    if state.predicting >= state.limits.predict_queue:
+        raise ServiceError(
+            503, "busy", f"{state.predicting} predictions are already waiting; try again in a second",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
+    state.predicting += 1  # one event loop: no lock needed
+    try:
+        return await _predict(request, model_id, k, min_confidence, version)
+    finally:
+        state.predicting -= 1
+
+
+async def _predict(request: Request, model_id: str, k: int, min_confidence: str, version: int | None) -> dict:
+    """Labels for a raw image body (``Content-Type: image/...``), multipart ``files``, or JSON
     ``{"urls": [...]}`` where the operator allows URLs."""
     store: Store = request.app.state.store
     model = model_row(store, model_id)

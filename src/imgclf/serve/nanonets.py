@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile  # what request.form() gives (FastAPI's is a subclass)
 
 from imgclf.serve.catalog import accept_image, check_name, describe, model_row
-from imgclf.serve.http import SCOPES, ServiceError
+from imgclf.serve.http import SCOPES, ServiceError, require_disk
 from imgclf.serve.inference import _predict_all, predictor_for
 from imgclf.serve.store import Store, new_id
 from imgclf.serve.training import train as start
@@ -122,6 +122,7 @@ async def upload_file(request: Request) -> dict:
     category = store.one("SELECT * FROM categories WHERE model_id = ? AND name = ?", model_id, fields.get("category"))
     if category is None:
         raise ServiceError(400, "unknown_category", f"the model has no category '{fields.get('category')}'")
+    require_disk(store, limits)
     for upload in files:
         accept_image(
             store, limits, model_id, category, await upload.read(limits.image_bytes + 1), upload.filename or "upload"

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import SECTIONS, SYSTEM, as_settings, flat_overrides, section_fields
 from imgclf.serve.catalog import describe, model_row
-from imgclf.serve.http import ServiceError, require
+from imgclf.serve.http import ServiceError, require, require_disk
 from imgclf.serve.inference import predictor_for
 from imgclf.serve.store import Store
 
@@ -54,6 +54,14 @@ def train(
             "a training of this model is queued or running",
             {"job_id": model["last_job"]["id"]},
         )
+    limits = request.app.state.limits
+    queued = store.one("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued'")["n"]
+    if queued >= limits.queued_jobs:
+        raise ServiceError(
+            429, "too_many_jobs", f"{queued} trainings are already queued; try again when one has run",
+            headers={"Retry-After": "60"},
+        )  # fmt: skip
+    require_disk(store, limits)
     if not model["can_train"]:
         raise ServiceError(
             422,

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from imgclf.data.fetch.http import Attempts, Downloader, Failure, HttpLimits
 from imgclf.data.fetch.inputs import normalise_url
 from imgclf.serve.catalog import accept_image, model_row
-from imgclf.serve.http import Limits, ServiceError, require
+from imgclf.serve.http import Limits, ServiceError, require, require_disk
 
 router = APIRouter(tags=["models"])
 USER_AGENT = "imgclf-serve/0.1 (fetching photos a user asked for)"
@@ -55,6 +55,7 @@ async def fetch_bodies(urls: list, limits: Limits, what: str = "uploading") -> l
 
 async def accept_urls(request: Request, model_id: str, category: dict, urls: list) -> list[dict]:
     store, limits = request.app.state.store, request.app.state.limits
+    require_disk(store, limits)
     results = []
     for url, body, error in await fetch_bodies(urls, limits):
         if body is None:

@@ -112,13 +112,15 @@ class Endless:
 
     size: int
     content_length: bool = True
+    head: bytes = b"\xff\xd8\xff\xe0"
+    content_type: str = "image/jpeg"
     sent: int = 0
 
     async def respond(self, writer, server) -> bool:
-        headers = {"Content-Type": "image/jpeg"}
+        headers = {"Content-Type": self.content_type}
         if self.content_length:
             headers["Content-Length"] = str(self.size)
-        writer.write(_head(200, headers) + b"\xff\xd8\xff\xe0")
+        writer.write(_head(200, headers) + self.head)
         chunk = b"\0" * 65536
         while self.sent < self.size:
             writer.write(chunk)

@@ -303,6 +303,10 @@ class Downloader:
             raise Failure("http_error", f"HTTP {status}", status)
         if self.limits.respect_noai and robots_denied(reply.headers):
             raise Failure("robots_denied", "X-Robots-Tag asks not to use it for AI (noai/noimageai)", status)
+        declared = reply.headers.get("content-length", "")
+        said_image = reply.headers.get("content-type", "").lower().startswith(("image/", "application/octet-stream"))
+        if said_image and declared.isdigit() and int(declared) > self.limits.max_bytes:  # before any byte is read
+            raise Failure("too_large", f"Content-Length {declared} is over max_bytes {self.limits.max_bytes}", status)
 
     def _check_start(self, head: bytes, reply: httpx.Response) -> None:
         """Once the first bytes are in: an image by its content, and not over the size said."""
