@@ -65,7 +65,7 @@ def raw_onnxruntime(run: Path, photos: list[Path]) -> float:
 
 
 def load(url: str, key: str, model_id: str, photos: list[bytes], clients: int, seconds: float) -> dict:
-    latencies, errors = [], []
+    latencies, errors, refused = [], [], []
     stop = time.perf_counter() + seconds
 
     def client(n: int) -> None:
@@ -76,8 +76,13 @@ def load(url: str, key: str, model_id: str, photos: list[bytes], clients: int, s
             while time.perf_counter() < stop:
                 started = time.perf_counter()
                 response = http.post(f"/v1/models/{model_id}/predict?k=1", content=photos[i % len(photos)])
-                latencies.append(time.perf_counter() - started)
-                if response.status_code != 200:
+                took = time.perf_counter() - started
+                if response.status_code == 503 and response.headers.get("retry-after"):
+                    refused.append(took)  # the bounded queue's fast no; a real client waits Retry-After
+                    time.sleep(0.05)
+                else:
+                    latencies.append(took)
+                if response.status_code not in (200, 503):
                     errors.append(response.status_code)
                 i += clients
 
@@ -87,13 +92,40 @@ def load(url: str, key: str, model_id: str, photos: list[bytes], clients: int, s
     for thread in threads:
         thread.join()
     ms = sorted(1000 * s for s in latencies)
-    return {
+    result = {
         "requests": len(ms),
         "images_per_s": round(len(ms) / seconds, 1),
         "p50_ms": round(statistics.median(ms), 1),
         "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 1),
         "errors": len(errors),
     }
+    if refused:
+        no = sorted(1000 * s for s in refused)
+        result.update({"503s": len(no), "503_p99_ms": round(no[int(0.99 * (len(no) - 1))], 1)})
+    return result
+
+
+def train_beside(url: str, admin: str) -> str:
+    """A training job of the service's own (default settings) on 15 photos per class of 3
+    classes; returns its id."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as http:
+        classes = ("hat", "pants", "shoes")
+        model = http.post("/v1/models", json={"name": "beside", "categories": list(classes)}).json()
+        for category in model["categories"]:
+            files = [("files", (p.name, p.read_bytes(), "image/jpeg"))
+                     for p in sorted((DATA / "train" / category["name"]).glob("*.jpg"))[:15]]  # fmt: skip
+            http.post(f"/v1/models/{model['id']}/categories/{category['id']}/images", files=files)
+        return http.post(f"/v1/models/{model['id']}/train", json={}).json()["id"]
+
+
+def wait_running(url: str, admin: str, job_id: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as http:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = http.get(f"/v1/jobs/{job_id}").json()
+            if status["state"] == "running" and status.get("stage"):
+                return
+            time.sleep(0.5)
 
 
 def rss_mb(pid: int) -> float:
@@ -116,6 +148,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imgclf-bench-serve-"))
     home = work / "home"
     key = create_key(home, "predict")
+    admin = create_key(home, "admin")
     model_id = publish(run, home)
     print(f"CPU: {cpu_model()}; {os.cpu_count()} cores; generator on the same machine", flush=True)
     print(f"raw ONNX Runtime, 8 threads, batch 1: {raw_onnxruntime(run, photos):.1f} img/s", flush=True)
@@ -131,6 +164,11 @@ def main() -> None:
             f"soak {args.soak:.0f} s at 8 clients: {soak}; memory {before:.0f} -> {rss_mb(process.pid):.0f} MB",
             flush=True,
         )
+        print("64 clients (bounded queue):", load(url, key, model_id, data, 64, 20), flush=True)
+        job_id = train_beside(url, admin)
+        wait_running(url, admin, job_id)
+        print("1 client while a training job runs:", load(url, key, model_id, data, 1, 20), flush=True)
+        print("8 clients while a training job runs:", load(url, key, model_id, data, 8, 20), flush=True)
     finally:
         stop_service(process)
 

@@ -100,8 +100,18 @@ def clf_classes(run) -> list[str]:
 
 def test_max_pixels_is_honoured_by_prediction_and_evaluation(digits_run, digits_dir, tmp_path, capsys):
     files = [str(p) for p in sorted(digits_dir.glob("2/*.png"))[:3]]  # 32 x 32 = 1024 pixels each
-    assert main(["predict", str(digits_run), *files, "--max-pixels", "1000", "--format", "json"]) == 0
+    # every file refused: exit status 1, and still one JSON row per file
+    assert main(["predict", str(digits_run), *files, "--max-pixels", "1000", "--format", "json"]) == 1
     rows = json.loads(capsys.readouterr().out)
     assert all("too many pixels" in r["error"] for r in rows)
     with pytest.raises(imgclf.ImgclfError, match="no image to evaluate on.*too many pixels"):
         imgclf.evaluate(digits_run, tmp_path / "report", {"max_pixels": 1000})
+
+
+def test_predict_exits_non_zero_when_every_file_failed(digits_run, tmp_path, capsys):
+    bad = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    bad[0].write_bytes(b"not a picture")
+    bad[1].write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    assert main(["predict", str(digits_run), *map(str, bad)]) == 1
+    err = capsys.readouterr().err
+    assert "a.png" in err and "b.jpg" in err

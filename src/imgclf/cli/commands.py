@@ -81,8 +81,8 @@ def predict(args: argparse.Namespace, ctx: Context) -> int:
     results = clf.predict_files(
         files, k=p.top_k, min_confidence=p.min_confidence or None, events=ctx.events, stop=ctx.stop
     )
-    render.predictions(results, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
-    return 0 if files else 1
+    bad = render.predictions(results, p.format, min(p.top_k, len(clf.classes_)), bool(p.min_confidence))
+    return 0 if files and bad < len(files) else 1  # 1: nothing given, or not one file could be read
 
 
 def export(args: argparse.Namespace, ctx: Context) -> int:

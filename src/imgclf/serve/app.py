@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgclf.core.errors import ImgclfError
 from imgclf.serve import catalog, inference, nanonets, training, urls
-from imgclf.serve.http import BodyLimit, Limits, ServiceError, error_body
+from imgclf.serve.http import ERROR_RESPONSES, BodyLimit, Limits, ServiceError, error_body
 from imgclf.serve.store import Home, Store
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -80,7 +80,7 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
     def healthz() -> dict:
         return {"ok": True}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: ERROR_RESPONSES[503]})
     def readyz(request: Request) -> dict:
         store: Store = request.app.state.store
         store.one("SELECT 1 AS ok")
@@ -90,6 +90,6 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
         return {"ok": True, "free_disk_mb": free // 2**20}
 
     for module in (catalog, urls, training, inference):
-        app.include_router(module.router, prefix="/v1")
-    app.include_router(nanonets.router)
+        app.include_router(module.router, prefix="/v1", responses=ERROR_RESPONSES)
+    app.include_router(nanonets.router, responses=ERROR_RESPONSES)
     return app

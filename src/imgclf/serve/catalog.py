@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from imgclf.core.atomic import atomic_write
 from imgclf.core.errors import ImageError
 from imgclf.data.images import decode_image_bytes
-from imgclf.serve.http import Limits, ServiceError, require, require_disk
+from imgclf.serve.http import Limits, ServiceError, file_response, require, require_disk
 from imgclf.serve.store import Store, new_id
 
 router = APIRouter(tags=["models"])
@@ -255,7 +255,12 @@ def list_images(request: Request, model_id: str) -> dict:
     }
 
 
-@router.get("/images/{image_id}/thumbnail", dependencies=[require("predict")])
+@router.get(
+    "/images/{image_id}/thumbnail",
+    dependencies=[require("predict")],
+    response_class=Response,
+    responses=file_response("image/jpeg"),
+)
 def thumbnail(request: Request, image_id: str) -> Response:
     store: Store = request.app.state.store
     row = store.one("SELECT file FROM images WHERE id = ?", image_id)

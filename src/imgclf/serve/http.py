@@ -7,9 +7,12 @@ import asyncio
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
+from fastapi import Path as FastPath
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from imgclf.serve.store import SCOPES, Store
 
@@ -39,6 +42,46 @@ class ServiceError(Exception):
     def __init__(self, status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.details, self.headers = status, code, message, details or {}, headers
+
+
+# numbers a client may send, bounded so that nothing reaches SQLite or NumPy it cannot hold
+VersionNumber = Annotated[int, FastPath(ge=1, le=1_000_000, description="version number")]
+OptionalVersion = Annotated[int | None, Query(ge=1, le=1_000_000, description="version (default: the active one)")]
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many labels per input")]
+LogLines = Annotated[int, Query(ge=1, le=10_000, description="how many lines, from the end")]
+
+
+def file_response(media_type: str) -> dict:
+    """The OpenAPI entry of a route that answers a file."""
+    return {200: {"content": {media_type: {}}, "description": f"the file ({media_type})"}}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict = {}
+
+
+class ErrorBody(BaseModel):
+    """Every answer that is not 2xx."""
+
+    error: ErrorDetail
+
+
+_MEANING = {
+    400: "not allowed as asked (e.g. URLs when the operator has not allowed them)",
+    401: "no key, or a wrong or revoked one",
+    403: "the key's scope does not allow this",
+    404: "no such model, category, image, job or version",
+    408: "the request body stalled",
+    409: "conflicts with the current state (a training running, a version not ready or unusable)",
+    413: "the body, files or fields are over the limits",
+    422: "the request is malformed, or there are too few photos",
+    429: "too many trainings queued (Retry-After)",
+    503: "busy or shutting down (Retry-After)",
+    507: "the service's disk is nearly full",
+}
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": text} for status, text in _MEANING.items()}
 
 
 def error_body(code: str, message: str, details: dict | None = None) -> dict:

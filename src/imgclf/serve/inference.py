@@ -16,7 +16,7 @@ from imgclf.core.rundir import RunDir
 from imgclf.data.images import decode_image_bytes
 from imgclf.predictors import UNKNOWN, load
 from imgclf.serve.catalog import model_row
-from imgclf.serve.http import ServiceError, require
+from imgclf.serve.http import OptionalVersion, ServiceError, TopK, require
 from imgclf.serve.store import Store
 from imgclf.serve.urls import fetch_bodies
 
@@ -57,7 +57,9 @@ def _answer(clf, image, k: int, threshold: float | None, name: str) -> dict:
 
 
 @router.post("/models/{model_id}/predict", dependencies=[require("predict")])
-async def predict(request: Request, model_id: str, k: int = 5, min_confidence: str = "", version: int | None = None):
+async def predict(
+    request: Request, model_id: str, k: TopK = 5, min_confidence: str = "", version: OptionalVersion = None
+):
     """Labels for a raw image body (``Content-Type: image/...``), multipart ``files``, or JSON
     ``{"urls": [...]}`` where the operator allows URLs. 503 with Retry-After when ``predict_queue``
     predictions are already being answered or waiting: a fast no beats a slow timeout."""

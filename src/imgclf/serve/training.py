@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import SECTIONS, SYSTEM, as_settings, flat_overrides, section_fields
 from imgclf.serve.catalog import describe, model_row
-from imgclf.serve.http import ServiceError, require, require_disk
+from imgclf.serve.http import LogLines, ServiceError, VersionNumber, file_response, require, require_disk
 from imgclf.serve.inference import predictor_for
 from imgclf.serve.store import Store
 
@@ -149,14 +149,14 @@ def cancel_job(request: Request, job_id: str) -> dict:
 
 
 @router.get("/jobs/{job_id}/log", dependencies=[require("train")])
-def job_log(request: Request, job_id: str, lines: int = 50) -> dict:
+def job_log(request: Request, job_id: str, lines: LogLines = 50) -> dict:
     store: Store = request.app.state.store
     _job(store, job_id)
     said = [e["text"] for e in _events(store, job_id) if e["event"] == "message"]
     return {"lines": said[-max(1, min(lines, 1000)) :]}
 
 
-def _version(store: Store, model_id: str, number: int) -> dict:
+def _version(store: Store, model_id: str, number: VersionNumber) -> dict:
     row = store.one("SELECT * FROM versions WHERE model_id = ? AND number = ?", model_id, number)
     if row is None:
         raise ServiceError(404, "version_not_found", f"model {model_id} has no version {number}")
@@ -183,7 +183,7 @@ def list_versions(request: Request, model_id: str) -> dict:
 
 
 @router.post("/models/{model_id}/versions/{number}/activate", dependencies=[require("train")])
-def activate(request: Request, model_id: str, number: int) -> dict:
+def activate(request: Request, model_id: str, number: VersionNumber) -> dict:
     """Serve an earlier (or later) version; only one whose export loads and answers."""
     store: Store = request.app.state.store
     model_row(store, model_id)
@@ -204,17 +204,27 @@ def _version_file(request: Request, model_id: str, number: int, name: str) -> Pa
     return path
 
 
-@router.get("/models/{model_id}/versions/{number}/report", dependencies=[require("predict")])
-def report(request: Request, model_id: str, number: int) -> Response:
+@router.get(
+    "/models/{model_id}/versions/{number}/report",
+    dependencies=[require("predict")],
+    response_class=FileResponse,
+    responses=file_response("text/html"),
+)
+def report(request: Request, model_id: str, number: VersionNumber) -> Response:
     return FileResponse(_version_file(request, model_id, number, RunDir.REPORT_HTML), media_type="text/html")
 
 
 @router.get("/models/{model_id}/versions/{number}/metrics", dependencies=[require("predict")])
-def metrics(request: Request, model_id: str, number: int) -> dict:
+def metrics(request: Request, model_id: str, number: VersionNumber) -> dict:
     return json.loads(_version_file(request, model_id, number, RunDir.METRICS).read_text())
 
 
-@router.get("/models/{model_id}/versions/{number}/onnx", dependencies=[require("predict")])
-def onnx_file(request: Request, model_id: str, number: int) -> Response:
+@router.get(
+    "/models/{model_id}/versions/{number}/onnx",
+    dependencies=[require("predict")],
+    response_class=FileResponse,
+    responses=file_response("application/octet-stream"),
+)
+def onnx_file(request: Request, model_id: str, number: VersionNumber) -> Response:
     path = _version_file(request, model_id, number, f"{RunDir.ONNX}/model.onnx")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}-v{number}.onnx")
