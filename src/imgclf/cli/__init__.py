@@ -1,8 +1,8 @@
 """The command line: arguments -> settings -> one library call, with the events drawn on the
 terminal (and written to ``--events FILE.jsonl``), and SIGINT/SIGTERM turned into a stop.
 
-Exit status: 0 done, 1 nothing to do (or predict: not one file could be read), 2 a user error (one line naming the cause), 3 stopped
-(resumable), 130 interrupted at once.
+Exit status: 0 done, 1 nothing to do (or predict: not one file could be read), 2 a user error (one
+line naming the cause), 3 stopped (resumable), 130 interrupted at once (fetch: stopped by Ctrl-C).
 """
 
 from __future__ import annotations
