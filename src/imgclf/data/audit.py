@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.core.atomic import atomic_write
-from imgclf.core.events import Events, StopToken, Tracker, channel, stop_token, warn
+from imgclf.core.events import Events, StopToken, Tracker, channel, info, stop_token, warn
 from imgclf.core.settings import DataSettings, SystemSettings
 from imgclf.data.images import ImageError
 from imgclf.data.sources import Sample, ScanResult, decode_sample, read_sample, reader
@@ -186,6 +187,15 @@ def _find_duplicates(samples: list[Sample], checks: list[FileCheck]) -> list[dic
     return duplicates
 
 
+def typical_short_side(samples: list[Sample], checks: list[FileCheck]) -> dict[str, int]:
+    """The median shorter side of each class's readable images: what "small" is measured against."""
+    sides: dict[str, list[int]] = defaultdict(list)
+    for sample, check in zip(samples, checks):
+        if not check.error and check.width:
+            sides[sample.label].append(min(check.width, check.height))
+    return {label: int(statistics.median(values)) for label, values in sides.items()}
+
+
 def audit(
     scan_result: ScanResult,
     settings: DataSettings | None = None,
@@ -199,18 +209,31 @@ def audit(
     checks = check_files(samples, settings, scan_result.root, system.max_pixels, events, stop)
     problems = list(scan_result.skipped)
     usable = []
+    typical = typical_short_side(samples, checks)
+    kept_small = 0
     for sample, check in zip(samples, checks):
+        short = min(check.width, check.height)
         if check.error:
             problems.append({"path": sample.ref, "reason": check.error})
-        elif min(check.width, check.height) < settings.min_side and not reader(sample).small_by_design:
-            problems.append(
-                {
-                    "path": sample.ref,
-                    "reason": f"too small ({check.width}x{check.height}, under {settings.min_side} px a side)",
-                }
+        elif short < settings.min_side and not reader(sample).small_by_design:
+            if short * 2 >= typical.get(sample.label, 0):  # the class's own resolution, not a fault
+                kept_small += 1
+                usable.append(sample)
+                continue
+            reason = (
+                f"too small ({check.width}x{check.height}, under {settings.min_side} px a side and under half "
+                f"its class's typical {typical[sample.label]} px)"
             )
+            problems.append({"path": sample.ref, "reason": reason})
         else:
             usable.append(sample)
+    if kept_small:
+        info(
+            channel(events),
+            f"{kept_small} images are under min_side {settings.min_side} px but typical of their classes "
+            f"(median short side {min(typical.values())} px): kept, as that is this data's resolution; models "
+            "see them resized to their input size",
+        )
     duplicates = _find_duplicates(samples, checks)
     counts = Counter(s.label for s in usable)
     classes = {label: counts.get(label, 0) for label in scan_result.classes}

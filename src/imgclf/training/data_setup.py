@@ -37,12 +37,25 @@ class RunData:
         return [index[s.label] for s in samples]
 
 
-def validate_for_training(samples: list[Sample], skipped_files: int = 0) -> list[str]:
+def skipped_summary(problems: list[dict]) -> str:
+    """How many files were left out, why, and the setting that lets the commonest kind in."""
+    if not problems:
+        return ""
+    reasons = Counter(p["reason"].split(" (")[0] for p in problems)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(4))
+    hint = {
+        "too small": "; lower --min-side to keep smaller images",
+        "too many pixels": "; raise --max-pixels to read larger images",
+    }.get(reasons.most_common(1)[0][0], "")
+    return f" ({len(problems)} files were skipped: {why}{hint}; imgclf check lists them)"
+
+
+def validate_for_training(samples: list[Sample], problems: list[dict] = ()) -> list[str]:
     """Refuse data that cannot train a classifier, before any time is spent; return the classes."""
     counts = Counter(s.label for s in samples)
     if len(counts) < 2:
         found = f"only '{next(iter(counts))}'" if counts else "none"
-        left_out = f" ({skipped_files} files were skipped: see audit.json or imgclf check)" if skipped_files else ""
+        left_out = skipped_summary(list(problems))
         raise DataError(f"need at least 2 classes with usable images to train a classifier, found {found}{left_out}")
     lonely = sorted(label for label, n in counts.items() if n < 2)
     if lonely:
@@ -75,7 +88,7 @@ def prepare_data(
             )
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
     samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
-    classes = validate_for_training(samples, len(report.problems))
+    classes = validate_for_training(samples, report.problems)
     if ranks.is_main:
         write_split_csv(samples, run / RunDir.SPLIT)
         info(events, summary_line(report))
