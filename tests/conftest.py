@@ -52,13 +52,15 @@ def digits_dir(tmp_path_factory) -> Path:
 
 
 def write_manifest(digits: Path, path: Path, per_class: int, classes=range(10)) -> Path:
-    """A CSV manifest over a subset of the digits, paths relative to the CSV."""
-    import os
-
+    """A CSV manifest over a subset of the digits, paths relative to the CSV: through a link in the
+    CSV's folder, as a CSV may not lead outside its folder (unless allow_outside)."""
+    link = path.parent / f"{path.stem}-images"
+    if not link.exists():
+        link.symlink_to(digits, target_is_directory=True)
     rows = ["path,label"]
     for label in classes:
         for png in sorted((digits / str(label)).glob("*.png"))[:per_class]:
-            rows.append(f"{os.path.relpath(png, path.parent)},{label}")
+            rows.append(f"{link.name}/{png.relative_to(digits).as_posix()},{label}")
     path.write_text("\n".join(rows) + "\n")
     return path
 

@@ -50,7 +50,7 @@ def check(
     """Audit a data source: every image decoded once; problems, duplicates and counts reported.
     ``out``: a file to write the full report to as JSON."""
     settings = as_settings(settings)
-    report = audit(scan(source), settings.data, settings.system, events, stop)
+    report = audit(scan(source, settings.data.allow_outside), settings.data, settings.system, events, stop)
     if out is not None:
         report.write_json(out)
     return report

@@ -32,6 +32,7 @@ class DataSettings:
     min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit")
     audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)")
     per_class: int = setting(0, "train on at most this many images per class (stratified, seeded; 0: all)")
+    allow_outside: bool = setting(False, "read CSV rows whose paths lead outside the CSV's folder (.., absolute)")
 
 
 @dataclass

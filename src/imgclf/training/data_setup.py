@@ -74,7 +74,7 @@ def prepare_data(
     source: str, settings: Settings, run: RunDir, ranks: Distributed, events: Events, stop: StopToken
 ) -> RunData:
     """Scan and audit the source, split it, and write split.csv and audit.json into the run folder."""
-    report = audit(scan(source), settings.data, settings.system, events, stop)
+    report = audit(scan(source, settings.data.allow_outside), settings.data, settings.system, events, stop)
     if ranks.is_main:
         report.write_json(run / RunDir.AUDIT)
         for problem in report.problems:

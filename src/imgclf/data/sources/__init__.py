@@ -8,6 +8,7 @@ in :data:`SOURCES`, and, when its samples are not plain files, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -38,8 +39,10 @@ SOURCES: tuple[type[Source], ...] = (CsvSource, IdxSource, SplitFoldersSource, F
 READERS: dict[str, Reader] = {r.kind: r for r in (FileReader(), IdxReader())}
 
 
-def scan(source: str | os.PathLike) -> ScanResult:
-    """Recognise the kind of data source and list its labelled images."""
+def scan(source: str | os.PathLike, allow_outside: bool = False) -> ScanResult:
+    """Recognise the kind of data source and list its labelled images. A CSV's rows that point
+    outside the CSV's folder (``../../etc/passwd``, an absolute path) are refused unless
+    ``allow_outside``: a manifest someone sent must not make imgclf read what it likes."""
     root = Path(source)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -47,9 +50,24 @@ def scan(source: str | os.PathLike) -> ScanResult:
     if kind is None:
         raise DataError(f"{root}: expected a folder of class folders, a .csv manifest or IDX files")
     result = kind.scan(root)
+    if kind is CsvSource and not allow_outside:
+        result = _refuse_outside(result, root.parent)
     if not result.samples:
         raise DataError(f"{root}: no labelled images found (expected class folders, a CSV or IDX files)")
     return result
+
+
+def _refuse_outside(result: ScanResult, base: Path) -> ScanResult:
+    inside, refused = [], list(result.skipped)
+    top = base.resolve()
+    for sample in result.samples:
+        target = Path(os.path.abspath(sample.path))
+        if target == top or top in target.parents:
+            inside.append(sample)
+        else:
+            reason = "outside the CSV's folder (set allow_outside / --allow-outside to read it)"
+            refused.append({"path": sample.rel or sample.path, "reason": reason})
+    return dataclasses.replace(result, samples=inside, skipped=refused)
 
 
 def reader(sample: Sample) -> Reader:
