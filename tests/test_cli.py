@@ -192,7 +192,24 @@ USER_ERRORS = {
     ),
     "no model here": (lambda d, r, t: ["predict", str(t), _digit(d)], "no model.json here"),
     "resume without a run": (lambda d, r, t: ["train", "--resume", str(t)], "no run to resume here"),
+    "an --out that is a file": (
+        lambda d, r, t: ["train", str(d), "--out", str(_write(t / "f", "x")), "--model", "cnn1"],
+        "a file is in the way of the run folder; choose another --out",
+    ),
+    "an --out under a file": (
+        lambda d, r, t: ["train", str(d), "--out", str(_write(t / "g", "x") / "run"), "--model", "cnn1"],
+        "cannot create the run folder (Not a directory)",
+    ),
+    "a CSV that is not text": (
+        lambda d, r, t: ["check", str(_write_bytes(t / "m.csv", b"x.png,\x81\x8d\x90\n"))],
+        "neither UTF-8 nor Windows-1252",
+    ),
 }
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
 
 
 def _write(path, text):

@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImgclfError as exc:
         render.error_line(str(exc).replace("\n", " "))
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        render.error_line(f"{exc.filename}: {exc.strerror or exc}")
+        return 2
     except Stopped as exc:
         render.error_line(f"stopped ({exc.reason})")
         return 3

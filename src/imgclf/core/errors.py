@@ -87,6 +87,13 @@ class NoThresholdError(ImgclfError, ValueError):
     code = "no_threshold"
 
 
+class OutputError(ImgclfError, OSError):
+    """A folder or file imgclf must write cannot be made there (a file in the way, no permission,
+    a full disk), with the path and what to do."""
+
+    code = "output_error"
+
+
 class Stopped(Exception):
     """A stop token was set: the step in progress ended cleanly. Not an error (exit status 3);
     what was done is kept and a run continues with ``--resume``."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.core.atomic import atomic_write
+from imgclf.core.errors import OutputError
 
 
 class RunDir:
@@ -46,6 +47,17 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    def make(self) -> None:
+        """Create the folder, or :class:`OutputError` saying why it cannot be."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutputError(f"{self.path}: a file is in the way of the run folder; choose another --out") from None
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: cannot create the run folder ({exc.strerror or exc}); choose another --out"
+            ) from None
+
     def confusion_at(self, depth: int) -> Path:
         return self.path / f"confusion_level{depth}.png"
 
@@ -66,7 +78,7 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
         return path
 
@@ -85,7 +97,7 @@ class RunDir:
         """Hold the run folder for one training at a time: a second process waits up to
         ``wait_s`` for the first to end (a stopped run finishing its last step), then gives up
         with TimeoutError. Released when the process ends, however it ends."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         with open(self.path / ".lock", "w") as handle:
             deadline = time.monotonic() + wait_s
             while True:

@@ -81,7 +81,7 @@ def prepare_job(
     m = settings.model
     # before any time is spent on the data: a mode that cannot work with this model
     refuse_transfer_without_weights(settings, resolve_pretrained(m.pretrained, m.model, m.weights, m.download))
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.make()
     runtime = _runtime(settings, ranks)
     run_data = prepare_data(source, settings, run, ranks, events, stop)
     model, pretrained = _create(settings, run_data.classes, with_pretrained=True)
