@@ -200,6 +200,14 @@ USER_ERRORS = {
         lambda d, r, t: ["train", str(d), "--out", str(_write(t / "g", "x") / "run"), "--model", "cnn1"],
         "cannot create the run folder (Not a directory)",
     ),
+    "a worker with a database it does not know": (
+        lambda d, r, t: ["worker", "--home", str(t / "h"), "--db", "mysql://x/y"],
+        "--db mysql://x/y: expected postgresql://",
+    ),
+    "a worker whose database does not answer": (
+        lambda d, r, t: ["worker", "--home", str(t / "h"), "--db", "postgresql://imgclf@127.0.0.1:9/none"],
+        "postgresql://imgclf@127.0.0.1:9/none: cannot connect",
+    ),
     "a CSV that is not text": (
         lambda d, r, t: ["check", str(_write_bytes(t / "m.csv", b"x.png,\x81\x8d\x90\n"))],
         "neither UTF-8 nor Windows-1252",

@@ -97,3 +97,25 @@ def service(tmp_path_factory, photo_server) -> Service:
     process, url = start_service(home, env, ("--allow-url-uploads", "--url-allow-host", allowed))
     yield Service(url, home, admin, process)
     stop_service(process)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of the tests' own on 127.0.0.1 (see tests/serve/postgres.py)."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL tests need psycopg: pip install 'imgclf[postgresql]'")
+    from tests.serve.postgres import Postgres
+
+    server = Postgres()
+    why = server.start()
+    if why:
+        server.stop()
+        pytest.skip(f"no PostgreSQL server for the tests: {why}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A URL to a new, empty database on the tests' server."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return postgres_server.database(name)

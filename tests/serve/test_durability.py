@@ -60,6 +60,11 @@ def test_a_restarted_service_has_everything(service, clothing):
     stop_service(service.process)
     service.process, service.url = start_service(service.home, {**os.environ})
     client = service.client()
+    deadline = time.monotonic() + 60
+    while (ready := client.get("/readyz")).status_code != 200:  # 503 warming / no_worker at first
+        assert ready.json()["error"]["code"] in ("warming", "no_worker") and time.monotonic() < deadline, ready.text
+        time.sleep(0.2)
+    assert ready.json()["models_warm"] == len(trained) and ready.json()["workers"] == 1
     after = client.get("/v1/models").json()["models"]
     assert [(m["id"], m["name"], m["active_version"], m["categories"]) for m in after] == [
         (m["id"], m["name"], m["active_version"], m["categories"]) for m in before

@@ -94,13 +94,21 @@ def serve(args: argparse.Namespace, ctx: Context) -> int:
     from imgclf import serve as service  # the service's packages (FastAPI, uvicorn) are an optional extra
 
     if args.action == ["keys", "create"]:
-        render.say(service.create_key(args.home, args.scope, args.name))
+        render.say(service.create_key(args.home, args.scope, args.name, args.db))
         return 0
     if args.action:
         render.error_line(f"serve: unknown action '{' '.join(args.action)}' (expected: keys create)")
         return 2
     limits = service.Limits(url_uploads=args.allow_url_uploads, url_allow_hosts=tuple(args.url_allow_hosts))
-    service.run_service(args.home, args.host, args.port, limits=limits)
+    service.run_service(args.home, args.host, args.port, not args.no_worker, limits, args.db)
+    return 0
+
+
+def worker(args: argparse.Namespace, ctx: Context) -> int:
+    """A training worker alone: claims the service's jobs from the shared database until stopped."""
+    from imgclf.serve.worker import serve_jobs  # the service's packages are an optional extra
+
+    serve_jobs(args.home, ctx.stop, args.db, args.lease)
     return 0
 
 
@@ -177,6 +185,7 @@ HANDLERS = {
     "predict": predict,
     "export": export,
     "serve": serve,
+    "worker": worker,
     "fetch": fetch,
     "datasets": datasets,
     "demo": demo,

@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--scope", default="admin", help="keys create: admin, train or predict (default: admin)")
     p.add_argument("--name", default="", help="keys create: a note of what the key is for")
+    _database_argument(p)
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="answer HTTP only; trainings run on 'imgclf worker' machines sharing --db and --home",
+    )
     p.add_argument(
         "--allow-url-uploads",
         action="store_true",
@@ -163,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST:PORT",
         help="with --allow-url-uploads: a host that is not public but may be fetched (repeatable)",
+    )
+
+    p = _command(sub, "worker", "a training worker for 'imgclf serve', alone (e.g. on a GPU machine)")
+    p.add_argument("--home", default="imgclf-home", help="the service's home folder, on storage shared with the API")
+    _database_argument(p)
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        help="seconds without a heartbeat after which another worker takes a job over (default: 30)",
     )
 
     p = _command(sub, "fetch", "build class folders from lists of image URLs (dead links and placeholders weeded out)")
@@ -206,3 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         skip = ("model", "mode", "per_class") if name == "compare" else ()
         _add_setting_flags(sub.choices[name], name, skip)
     return parser
+
+
+def _database_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="postgresql://USER@HOST/DATABASE shared by several API and worker machines "
+        "(password in PGPASSWORD or ~/.pgpass); default: SQLite in --home",
+    )

@@ -215,6 +215,13 @@ class StopToken:
     def child(self) -> StopToken:
         return StopToken(self)
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking when the token is set; returns whether it is."""
+        deadline = time.monotonic() + seconds
+        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._flag.wait(min(left, 0.1))
+        return self.is_set()
+
     def set_after(self, seconds: float, reason: str) -> threading.Timer:
         """Set the token ``seconds`` from now (a daemon timer; cancel it when the work is done)."""
         timer = threading.Timer(max(0.0, seconds), self.set, args=(reason,))

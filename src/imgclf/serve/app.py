@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgclf.core.errors import ImgclfError
 from imgclf.serve import catalog, inference, nanonets, training, urls
+from imgclf.serve.database import DatabaseError
 from imgclf.serve.http import ERROR_RESPONSES, BodyLimit, Limits, ServiceError, error_body
 from imgclf.serve.store import Home, Store
 
@@ -30,6 +31,11 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(ImgclfError)
     async def library_error(request: Request, exc: ImgclfError):
         return JSONResponse(error_body(exc.code, str(exc)), 422)
+
+    @app.exception_handler(DatabaseError)
+    async def database_error(request: Request, exc: DatabaseError):
+        body = error_body("database_unavailable", f"the service's database did not answer ({exc}); try again")
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -46,11 +52,13 @@ def _handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
 
 
-def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
-    """The service over ``home`` (created when missing)."""
+def create_app(home: str | Path, limits: Limits | None = None, database: str | None = None) -> FastAPI:
+    """The service over ``home`` (created when missing), its rows in ``database`` (default: the
+    SQLite file in ``home``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        inference.warm_up(app)
         yield
         app.state.predictors.clear()
 
@@ -61,9 +69,11 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
         description="Self-hosted image classification: create, upload, train, watch, predict.",
     )
     app.state.home = Home(home)
-    app.state.store = Store(app.state.home)
+    app.state.store = Store(app.state.home, database)
     app.state.limits = limits or Limits()
     app.state.predictors = {}
+    app.state.expects_worker = False  # set by run_service when it runs a worker beside the app
+    app.state.warm = False  # the active versions loaded (inference.warm_up, at start-up)
     _handlers(app)
     app.state.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
     app.state.predicting = 0  # predictions being answered or waiting (bounded by limits.predict_queue)
@@ -83,11 +93,27 @@ def create_app(home: str | Path, limits: Limits | None = None) -> FastAPI:
     @app.get("/readyz", tags=["health"], responses={503: ERROR_RESPONSES[503]})
     def readyz(request: Request) -> dict:
         store: Store = request.app.state.store
-        store.one("SELECT 1 AS ok")
+        try:
+            store.one("SELECT 1 AS ok")
+        except DatabaseError as exc:
+            raise ServiceError(503, "database_unavailable", str(exc)) from None
         free = shutil.disk_usage(store.home.path).free
         if free < request.app.state.limits.min_free_disk:
             raise ServiceError(503, "low_disk", f"only {free // 2**20} MB free in {store.home.path}")
-        return {"ok": True, "free_disk_mb": free // 2**20}
+        workers = store.live_workers()
+        if request.app.state.expects_worker and not workers:
+            raise ServiceError(503, "no_worker", "no training worker has been heard from in 30 s; it may be starting")
+        if not request.app.state.warm:
+            raise ServiceError(503, "warming", "loading the models' active versions", headers={"Retry-After": "1"})
+        training = sum(1 for w in workers if w["job_id"])
+        warm = len(request.app.state.predictors)
+        return {
+            "ok": True,
+            "free_disk_mb": free // 2**20,
+            "workers": len(workers),
+            "training": training,
+            "models_warm": warm,
+        }
 
     for module in (catalog, urls, training, inference):
         app.include_router(module.router, prefix="/v1", responses=ERROR_RESPONSES)

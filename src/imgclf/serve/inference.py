@@ -41,6 +41,25 @@ def predictor_for(app: FastAPI, model_id: str, number: int):
     return app.state.predictors[key]
 
 
+def warm_up(app: FastAPI) -> None:
+    """Load every model's active version in the background, so that the first predictions after
+    a start are as fast as the rest; ``/readyz`` answers 503 ``warming`` until done. A version
+    that cannot load is left to answer its own 409 when asked."""
+    active = app.state.store.query("SELECT id, active_version FROM models WHERE active_version IS NOT NULL")
+    app.state.warm = not active
+
+    def load_all() -> None:
+        for row in active:
+            try:
+                predictor_for(app, row["id"], int(row["active_version"]))
+            except ServiceError:
+                pass
+        app.state.warm = True
+
+    if active:
+        threading.Thread(target=load_all, name="warm-up", daemon=True).start()
+
+
 def _answer(clf, image, k: int, threshold: float | None, name: str) -> dict:
     started = time.perf_counter()
     proba = clf.predict_proba([image])[0]

@@ -3,9 +3,11 @@ images, training jobs and model versions. The files themselves live beside it in
 (:class:`Home`): uploads under server-made content-addressed names, each version an ordinary
 imgclf run folder.
 
-Keys are stored only as an HMAC under a secret kept in the home folder, and a presented key is
-compared with every stored one in constant time. Jobs are claimed atomically with a lease that a
-worker renews; a job whose lease ran out (its worker died) is claimed again.
+The rows are in SQLite by default, or in a PostgreSQL server shared by several API and worker
+machines (:mod:`imgclf.serve.database`). Keys are stored only as an HMAC under a secret kept in the
+home folder, and a presented key is compared with every stored one in constant time. Jobs are
+claimed atomically with a lease that a worker renews; a job whose lease ran out (its worker died)
+is claimed again. One job of a model runs at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
-import threading
 import time
 import uuid
 from pathlib import Path
+
+from imgclf.serve.database import Database, open_database
 
 SCOPES = ("predict", "train", "admin")  # each includes the ones before it
 LEASE_S = 30.0
@@ -27,22 +29,24 @@ MAX_ATTEMPTS = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, digest TEXT NOT NULL, scope TEXT NOT NULL,
-    name TEXT NOT NULL DEFAULT '', created REAL NOT NULL, revoked REAL);
-CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL,
+    name TEXT NOT NULL DEFAULT '', created DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, name TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
     active_version INTEGER);
 CREATE TABLE IF NOT EXISTS categories (id TEXT PRIMARY KEY, model_id TEXT NOT NULL, name TEXT NOT NULL,
     UNIQUE (model_id, name));
 CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, model_id TEXT NOT NULL, category_id TEXT NOT NULL,
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
-    file TEXT NOT NULL, original_name TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+    file TEXT NOT NULL, original_name TEXT NOT NULL DEFAULT '', created DOUBLE PRECISION NOT NULL,
     UNIQUE (model_id, sha256));
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, model_id TEXT NOT NULL, state TEXT NOT NULL,
     settings TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
-    lease_until REAL, worker TEXT, cancel INTEGER NOT NULL DEFAULT 0, idempotency_key TEXT,
-    version INTEGER, error_code TEXT, error_message TEXT, created REAL NOT NULL, started REAL, finished REAL,
+    lease_until DOUBLE PRECISION, worker TEXT, cancel INTEGER NOT NULL DEFAULT 0, idempotency_key TEXT,
+    version INTEGER, error_code TEXT, error_message TEXT, created DOUBLE PRECISION NOT NULL,
+    started DOUBLE PRECISION, finished DOUBLE PRECISION,
     UNIQUE (model_id, idempotency_key));
 CREATE TABLE IF NOT EXISTS versions (model_id TEXT NOT NULL, number INTEGER NOT NULL, job_id TEXT NOT NULL,
-    state TEXT NOT NULL, created REAL NOT NULL, metrics TEXT, PRIMARY KEY (model_id, number));
+    state TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, metrics TEXT, PRIMARY KEY (model_id, number));
+CREATE TABLE IF NOT EXISTS workers (name TEXT PRIMARY KEY, seen DOUBLE PRECISION NOT NULL, job_id TEXT);
 """
 
 
@@ -83,34 +87,29 @@ class Home:
 
 
 class Store:
-    """Rows of the service's database. One connection per thread; every write is one transaction."""
+    """Rows of the service's database; every write is one transaction."""
 
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, database: str | None = None):
         self.home = home
-        self._local = threading.local()
-        with self.connect() as db:
-            db.executescript(SCHEMA)
-
-    def connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.home.database, timeout=30, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
-        return db
+        self.db: Database = open_database(home.database, database)
+        if self.db.dialect == "postgresql":  # API and worker machines may start at once
+            self.execute("SELECT pg_advisory_lock(7460127)")
+            try:
+                self.db.script(SCHEMA)
+            finally:
+                self.execute("SELECT pg_advisory_unlock(7460127)")
+        else:
+            self.db.script(SCHEMA)
 
     def query(self, sql: str, *args) -> list[dict]:
-        return [dict(row) for row in self.connect().execute(sql, args).fetchall()]
+        return self.db.query(sql, *args)
 
     def one(self, sql: str, *args) -> dict | None:
         rows = self.query(sql, *args)
         return rows[0] if rows else None
 
     def execute(self, sql: str, *args) -> int:
-        return self.connect().execute(sql, args).rowcount
+        return self.db.execute(sql, *args)
 
     # keys ---------------------------------------------------------------------------------
     def _digest(self, key: str) -> str:
@@ -138,9 +137,9 @@ class Store:
         return bool(self.one("SELECT 1 AS x FROM keys WHERE revoked IS NULL"))
 
     def revoke_keys(self, scope: str | None = None) -> int:
-        return self.execute(
-            "UPDATE keys SET revoked = ? WHERE revoked IS NULL AND (? IS NULL OR scope = ?)", time.time(), scope, scope
-        )
+        if scope is None:
+            return self.execute("UPDATE keys SET revoked = ? WHERE revoked IS NULL", time.time())
+        return self.execute("UPDATE keys SET revoked = ? WHERE revoked IS NULL AND scope = ?", time.time(), scope)
 
     # jobs ---------------------------------------------------------------------------------
     def add_job(self, model_id: str, settings: dict, idempotency_key: str | None) -> tuple[dict, bool]:
@@ -164,24 +163,31 @@ class Store:
         )
         return self.one("SELECT * FROM jobs WHERE id = ?", job_id), True
 
-    def claim_job(self, worker: str) -> dict | None:
-        """Atomically take the oldest queued job, or one whose worker's lease ran out."""
+    def claim_job(self, worker: str, lease_s: float = LEASE_S) -> dict | None:
+        """Atomically take the oldest queued job, or one whose worker's lease ran out, of a model
+        with no other job running. On PostgreSQL the candidate row is locked and rows that other
+        workers hold locked are skipped, so each job goes to one worker."""
         now = time.time()
+        lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
         return self.one(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_until = ?, worker = ?, "
-            "started = COALESCE(started, ?) WHERE id = (SELECT id FROM jobs WHERE state = 'queued' OR "
-            "(state = 'running' AND lease_until < ?) ORDER BY created LIMIT 1) RETURNING *",
-            now + LEASE_S,
+            "started = COALESCE(started, ?) WHERE id = (SELECT id FROM jobs j WHERE (j.state = 'queued' OR "
+            "(j.state = 'running' AND j.lease_until < ?)) AND NOT EXISTS (SELECT 1 FROM jobs o WHERE "
+            "o.model_id = j.model_id AND o.id <> j.id AND o.state = 'running' AND o.lease_until >= ?) "
+            f"ORDER BY j.created LIMIT 1{lock}) RETURNING *",
+            now + lease_s,
             worker,
+            now,
             now,
             now,
         )
 
-    def renew_lease(self, job_id: str, worker: str) -> bool:
+    def renew_lease(self, job_id: str, worker: str, lease_s: float = LEASE_S) -> bool:
+        """Extend the lease; False when the job is no longer this worker's (it was taken over)."""
         return bool(
             self.execute(
                 "UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ? AND state = 'running'",
-                time.time() + LEASE_S,
+                time.time() + lease_s,
                 job_id,
                 worker,
             )
@@ -200,6 +206,29 @@ class Store:
             time.time(),
             job_id,
         )
+
+    # workers' heartbeats (for /readyz) ------------------------------------------------------
+    def beat(self, worker: str, job_id: str | None) -> None:
+        self.execute(
+            "INSERT INTO workers VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET seen = excluded.seen, "
+            "job_id = excluded.job_id",
+            worker,
+            time.time(),
+            job_id,
+        )
+
+    def forget_worker(self, worker: str) -> None:
+        self.execute("DELETE FROM workers WHERE name = ?", worker)
+
+    def forget_dead_workers(self, host: str, alive) -> None:
+        """Drop the heartbeats of this host's workers that are gone (killed, so they could not)."""
+        for row in self.query("SELECT name FROM workers"):
+            name, _, pid = row["name"].rpartition("-")
+            if name == host and pid.isdigit() and not alive(int(pid)):
+                self.forget_worker(row["name"])
+
+    def live_workers(self, within_s: float = LEASE_S) -> list[dict]:
+        return self.query("SELECT * FROM workers WHERE seen >= ? ORDER BY name", time.time() - within_s)
 
     def requeue_orphans(self, host: str, alive) -> int:
         """Hand back to the queue the running jobs of this host's workers that are gone (a crash or
