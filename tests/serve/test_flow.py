@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -29,6 +30,22 @@ def _wait_for(client, job_id: str, timeout: float = 400) -> list[dict]:
             return seen
         time.sleep(0.5)
     raise AssertionError(f"the job did not end in {timeout} s: {seen[-1]}")
+
+
+def _watch_events(client, job_id: str, timeout: float = 400) -> list[dict]:
+    """The job's statuses from its server-sent event stream, which ends by itself with the job."""
+    seen, deadline = [], time.monotonic() + timeout
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in stream.iter_lines():
+            assert time.monotonic() < deadline, seen[-1:]
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                assert event == "status"
+                seen.append(json.loads(line[6:]))
+    return seen
 
 
 @pytest.mark.slow
@@ -67,8 +84,9 @@ def test_create_upload_train_watch_predict(service, clothing, tmp_path, photo_se
     repeated = client.post(f"/v1/models/{model['id']}/train", json={}, headers={"Idempotency-Key": "first"})
     assert repeated.json()["id"] == job["id"]  # the same request starts one job
     assert client.post(f"/v1/models/{model['id']}/train", json={}).status_code == 409
-    seen = _wait_for(client, job["id"])
+    seen = _watch_events(client, job["id"])
     assert seen[-1]["state"] == "succeeded", seen[-1]
+    assert len(seen) >= 3 and all(a != b for a, b in zip(seen, seen[1:])), "one event per change"
     assert {"queued", "running"} & {s["state"] for s in seen}
     assert any(s["stage"] for s in seen) and seen[-1]["version"] == 1 and seen[-1]["plan"] == "head"
 

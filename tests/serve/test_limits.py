@@ -4,6 +4,7 @@ middle of its body (slow loris)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -59,20 +60,33 @@ def test_a_full_prediction_queue_is_a_fast_503_with_retry_after(tmp_path):
     assert answer.headers["retry-after"] == "1" and time.perf_counter() - started < 1.0
 
 
-def test_a_slow_loris_upload_times_out(tmp_path):
-    import uvicorn
+class _Served:
+    """The app on a real uvicorn server in a thread (the test client cannot stall a body or stream)."""
 
-    from tests.serve.conftest import free_port
+    def __init__(self, app):
+        import uvicorn
 
-    key = create_key(tmp_path / "home", "admin")
-    app = create_app(tmp_path / "home", Limits(body_timeout=1.0))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
+        from tests.serve.conftest import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
             time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_a_slow_loris_upload_times_out(tmp_path):
+    key = create_key(tmp_path / "home", "admin")
+    with _Served(create_app(tmp_path / "home", Limits(body_timeout=1.0))) as served:
+        port = served.port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             head = (
                 f"POST /v1/models/x/categories/y/images HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
@@ -87,6 +101,27 @@ def test_a_slow_loris_upload_times_out(tmp_path):
             answer = b"".join(chunks).decode()
         assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer, answer
         assert 0.9 < waited < 5.0
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+def test_an_event_stream_outlives_the_body_timeout(tmp_path):
+    """The slow-body timeout ends with the body: a job's event stream that runs for longer than
+    it is not cut (a browser saw ERR_INCOMPLETE_CHUNKED_ENCODING when it was)."""
+    import httpx
+
+    key = create_key(tmp_path / "home", "admin")
+    app = create_app(tmp_path / "home", Limits(body_timeout=0.5))
+    store = Store(Home(tmp_path / "home"))
+    job, _ = store.add_job("m1", {}, None)
+    with _Served(app) as served:
+        url = f"http://127.0.0.1:{served.port}/v1/jobs/{job['id']}/events"
+        statuses = []
+        with httpx.stream("GET", url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    statuses.append(line[6:])
+                    if len(statuses) == 1:
+                        time.sleep(1.5)  # three body timeouts, with the stream open
+                        store.execute("UPDATE jobs SET state = 'running' WHERE id = ?", job["id"])
+                    elif len(statuses) == 2:
+                        store.finish_job(job["id"], "cancelled")
+    assert [json.loads(s)["state"] for s in statuses] == ["queued", "running", "cancelled"]

@@ -78,7 +78,7 @@ _MEANING = {
     413: "the body, files or fields are over the limits",
     422: "the request is malformed, or there are too few photos",
     429: "too many trainings queued (Retry-After)",
-    503: "busy or shutting down (Retry-After)",
+    503: "busy, shutting down, or the database is away (Retry-After)",
     507: "the service's disk is nearly full",
 }
 ERROR_RESPONSES = {status: {"model": ErrorBody, "description": text} for status, text in _MEANING.items()}
@@ -107,10 +107,12 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
-        seen, answered, rejected = 0, False, False
+        seen, answered, rejected, body_done = 0, False, False, False
 
         async def counting_receive():
-            nonlocal seen, answered, rejected
+            nonlocal seen, answered, rejected, body_done
+            if body_done:  # the body is in: what comes now is the disconnect, however long a stream runs
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except (asyncio.TimeoutError, TimeoutError):
@@ -121,6 +123,7 @@ class BodyLimit:
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.limit:
                     if not answered:  # answer now, and tell the app the client is gone
                         await _too_large(send, self.limit)

@@ -4,10 +4,12 @@ they make."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import anyio
 from fastapi import APIRouter, Body, Header, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import SECTIONS, SYSTEM, as_settings, flat_overrides, section_fields
@@ -19,6 +21,8 @@ from imgclf.serve.store import Store
 router = APIRouter(tags=["training"])
 TRAINABLE = {spec.name for section in SECTIONS if section != SYSTEM for spec in section_fields(section)}
 EVENTS_TAIL_BYTES = 256 * 1024
+SSE_POLL_S = 0.5  # how often a stream looks for a change
+SSE_MAX_S = 600.0  # a stream ends after this; clients reconnect
 
 
 def _settings(requested: dict | None) -> dict:
@@ -136,14 +140,48 @@ def get_job(request: Request, job_id: str) -> dict:
     return job_status(store, _job(store, job_id))
 
 
+@router.get(
+    "/jobs/{job_id}/events",
+    dependencies=[require("predict")],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "the job's status as server-sent events"}},
+)
+async def job_events(request: Request, job_id: str) -> StreamingResponse:
+    """Server-sent events: an ``event: status`` with the job's status (as ``GET /v1/jobs/{id}``)
+    each time it changes, a comment every 15 s to keep proxies from closing the stream, and the
+    end of the stream when the job ends, after 10 minutes (reconnect), or when the service shuts
+    down. Read with any SSE client, or ``fetch`` and a reader where a header carries the key."""
+    store: Store = request.app.state.store
+    await anyio.to_thread.run_sync(_job, store, job_id)  # 404 before the stream starts
+
+    async def stream():
+        last, quiet, deadline = None, time.monotonic(), time.monotonic() + SSE_MAX_S
+        while time.monotonic() < deadline and not request.app.state.draining:
+            status = await anyio.to_thread.run_sync(lambda: job_status(store, _job(store, job_id)))
+            text = json.dumps(status, allow_nan=False, separators=(",", ":"))
+            if text != last:
+                yield f"event: status\ndata: {text}\n\n"
+                last, quiet = text, time.monotonic()
+            elif time.monotonic() - quiet > 15:
+                yield ": still here\n\n"
+                quiet = time.monotonic()
+            if status["state"] in ("succeeded", "failed", "cancelled") or await request.is_disconnected():
+                return
+            await anyio.sleep(SSE_POLL_S)
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # nginx: pass events on at once
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
 @router.post("/jobs/{job_id}/cancel", dependencies=[require("train")])
 def cancel_job(request: Request, job_id: str) -> dict:
     """A queued job ends at once; a running one after its current step (with a checkpoint)."""
     store: Store = request.app.state.store
     job = _job(store, job_id)
-    if job["state"] == "queued":
-        store.finish_job(job_id, "cancelled")
-    elif job["state"] == "running":
+    queued = store.execute(  # only while still queued: a worker may claim it at this moment
+        "UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'", time.time(), job_id
+    )
+    if not queued and job["state"] in ("queued", "running"):
         store.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", job_id)
     return job_status(store, _job(store, job_id))
 
