@@ -137,6 +137,7 @@ def test_directory_and_missing_file(tmp_path):
         (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1" + bytes(64), "AVIF"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "PostScript/EPS"),
         (b"SIMPLE  =                    T" + b" " * 50, "FITS"),
+        (b"8BPS\x00\x01" + bytes(40), "unsupported format (PSD)"),
         (b"<html><body>404</body></html>", "not an image"),
     ],
 )
@@ -148,13 +149,70 @@ def test_formats_outside_allowlist(tmp_path, head, reason):
     assert reason in caught.value.reason
 
 
-@pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO", "SGI"])
-def test_pillow_formats_outside_allowlist_are_refused(tmp_path, fmt):
-    """Pillow could decode these; the loader must not even try (allowlist before any decoder)."""
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO", "SGI", "DDS", "QOI", "XBM", "JPEG2000"])
+def test_pillow_formats_outside_allowlist_are_refused_by_name(tmp_path, fmt):
+    """Pillow could decode these; the loader must not even try (allowlist before any decoder), and
+    says which format it refused (BAD_INPUTS case 10), even under a .jpg name."""
     path = tmp_path / "x.jpg"
-    Image.new("RGB", (40, 40), (10, 200, 30)).save(path, fmt)
-    with pytest.raises(ImageError, match="not an image"):
+    image = Image.new("1" if fmt == "XBM" else "RGB", (40, 40))
+    try:
+        image.save(path, fmt)
+    except (KeyError, OSError, ValueError) as exc:  # a writer Pillow lacks here
+        pytest.skip(f"Pillow cannot write {fmt}: {exc}")
+    with pytest.raises(ImageError) as caught:
         load_image(path)
+    expected = {"PPM": "PPM/PGM/PBM", "JPEG2000": "JPEG 2000"}.get(fmt, fmt)
+    assert caught.value.reason == f"unsupported format ({expected})"
+
+
+def test_formats_without_a_signature_are_named_by_extension(tmp_path):
+    path = tmp_path / "logo.svg"
+    path.write_bytes(b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>')
+    with pytest.raises(ImageError, match=r"unsupported format \(SVG\)"):
+        load_image(path)
+    (tmp_path / "chart.gd").write_bytes(b"\xff\xfe\x00\x10\x00\x10\x01" + bytes(300))
+    with pytest.raises(ImageError, match=r"unsupported format \(GD\)"):
+        load_image(tmp_path / "chart.gd")
+
+
+def test_heic_is_read_with_the_plugin_and_named_without_it(tmp_path, monkeypatch):
+    """BAD_INPUTS case 11: with pillow-heif (the test extra has it) a HEIC photo decodes like any
+    other; the reason given without the plugin names the package that reads it."""
+    from imgclf.data.images import _sniff_unsupported
+
+    pytest.importorskip("pillow_heif")
+    path = tmp_path / "IMG_0001.HEIC"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path, "HEIF")
+    image = load_image(path)
+    assert image.size == (64, 48) and image.mode == "RGB"
+    assert np.abs(np.asarray(image).astype(int) - (200, 30, 30)).max() < 12
+    assert is_image_name(path), "folder scans list HEIC files"
+    import imgclf.data.images as images
+
+    monkeypatch.setattr(images, "ALLOWED_FORMATS", tuple(f for f in images.ALLOWED_FORMATS if f != "HEIF"))
+    reason = _sniff_unsupported(path.read_bytes(), str(path))
+    assert "HEIC" in reason and "pip install 'imgclf[heic]'" in reason
+
+
+def test_fifo_device_and_huge_files_are_never_read_whole(tmp_path):
+    """BAD_INPUTS case 48: a FIFO named .jpg does not hang, a device is not read, and a file over
+    the size cap is refused from its size."""
+    import os
+    import time
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"not a regular file \(a FIFO\)"):
+        load_image(fifo)
+    assert time.perf_counter() - started < 2
+    with pytest.raises(ImageError, match=r"not a regular file \(a device\)"):
+        load_image("/dev/zero")
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as handle:
+        handle.truncate(3 * 2**30)  # sparse: 3 GB on paper, nothing on disk
+    with pytest.raises(ImageError, match=r"too large \(3072 MB"):
+        load_image(huge)
 
 
 # ---------------------------------------------------------------- unusual but valid files
@@ -547,4 +605,5 @@ def test_idx_image_loads_as_rgb(tmp_path):
 
 def test_is_image_name():
     assert is_image_name("a/B.JPG") and is_image_name("x.tiff") and is_image_name("y.webp")
-    assert not is_image_name("notes.txt") and not is_image_name("scan.pdf") and not is_image_name("photo.heic")
+    assert not is_image_name("notes.txt") and not is_image_name("scan.pdf")
+    assert is_image_name("IMG_1.HEIC"), "listed, so that each is read (pillow-heif) or reported, never skipped unseen"

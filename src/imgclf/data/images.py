@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,31 +22,77 @@ __all__ = ["ImageError", "load_image", "decode_image_bytes", "read_file", "to_rg
 
 # Formats we decode. Everything else (PDF, EPS, FITS, ...) is refused before any decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# HEIC/HEIF (iPhone photos) are read when the pillow-heif plugin is installed (imgclf[heic]);
+# without it they are still listed by folder scans, so that each is reported, not skipped unseen
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
+try:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    ALLOWED_FORMATS += ("HEIF",)
+except ImportError:
+    pass
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit; more is treated as a decompression bomb
+# No photo is this large (an uncompressed BMP at the pixel limit is 270 MB): a bigger file named
+# .jpg is never read whole
+MAX_FILE_BYTES = 512 * 2**20
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, always the same
 
 # Never accept truncated images silently (Pillow's global switch must stay off).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Formats we do not read (Pillow reads several of them: PPM, ICO, TGA, PSD...), named by their
+# first bytes or, for those without a signature, their extension; never opened to find out
 _KNOWN_OTHER_FORMATS = (
     (b"%PDF", "PDF"),
     (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "PostScript/EPS"),
     (b"SIMPLE  =", "FITS"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"icns", "ICNS"),
+    (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"\x01\xda", "SGI"),
+    (b"\x59\xa6\x6a\x95", "Sun raster"),
+    (b"gimp xcf", "XCF"),
+    (b"#define", "XBM"),
+    (b"/* XPM */", "XPM"),
 )
+_OTHER_SUFFIXES = {
+    ".tga": "TGA", ".pcx": "PCX", ".ppm": "PPM", ".pgm": "PGM", ".pbm": "PBM", ".pnm": "PNM", ".ico": "ICO",
+    ".svg": "SVG", ".gd": "GD", ".area": "McIdas", ".dib": "DIB", ".jxl": "JPEG XL",
+}  # fmt: skip
 
 
-def _sniff_unsupported(head: bytes) -> str:
-    """Name a format we do not read, from its first bytes, to give a helpful reason."""
-    for magic, name in _KNOWN_OTHER_FORMATS:
+def _sniff_unsupported(data: bytes, name: str = "") -> str:
+    """Name a format we do not read, from its first or last bytes or its name, for a helpful reason."""
+    head = data[:16]
+    if data[-18:-2] == b"TRUEVISION-XFILE":  # a TGA's footer (TGA has no signature at the start)
+        return "unsupported format (TGA)"
+    for magic, label in _KNOWN_OTHER_FORMATS:
         if head.startswith(magic):
-            return f"unsupported format ({name})"
+            return f"unsupported format ({label})"
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n":
+        return "unsupported format (PPM/PGM/PBM)"
+    if len(head) > 2 and head[0] == 0x0A and head[1] in (0, 2, 3, 4, 5) and head[2] == 1:
+        return "unsupported format (PCX)"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"heim", b"heis"):
-            return "unsupported format (HEIC; install the pillow-heif plugin to read it)"
+            if "HEIF" in ALLOWED_FORMATS:
+                return "not a valid image (a HEIC file that pillow-heif cannot read)"
+            return "unsupported format (HEIC; install the pillow-heif plugin to read it: pip install 'imgclf[heic]')"
         if brand in (b"avif", b"avis"):
             return "unsupported format (AVIF; install the pillow-avif-plugin to read it)"
+    stripped = head.lstrip()
+    if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and name.lower().endswith(".svg")):
+        return "unsupported format (SVG)"
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in _OTHER_SUFFIXES:
+        return f"unsupported format ({_OTHER_SUFFIXES[suffix]})"
     return "not an image"
 
 
@@ -106,16 +153,32 @@ def _open_checked(data: io.BytesIO | str, path: str, max_pixels: int) -> Image.I
     return image
 
 
-def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file, or :class:`ImageError` naming why it cannot be read."""
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image file, or :class:`ImageError` naming why it cannot be read. Only
+    regular files are read (opened without blocking, so a FIFO named .jpg cannot hang a run),
+    and none larger than ``max_bytes``."""
     name = str(path)
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:
         raise ImageError(name, "is a directory") from None
     except OSError as exc:
         raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(name, "is a directory")
+        device = stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if device else "a socket"
+        raise ImageError(name, f"not a regular file ({kind})")
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_size > max_bytes:
+            raise ImageError(name, f"too large ({info.st_size // 2**20} MB; no photo is over {max_bytes // 2**20} MB)")
+        try:
+            return handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
 
 
 def load_image(
@@ -152,7 +215,7 @@ def decode_image_bytes(
     try:
         image = _open_checked(io.BytesIO(data), name, max_pixels)
     except UnidentifiedImageError:
-        raise ImageError(name, _sniff_unsupported(data[:16])) from None
+        raise ImageError(name, _sniff_unsupported(data, name)) from None
     except ImageError:
         raise
     except Exception as exc:  # Pillow's parsers raise many types (TypeError, IndexError...) on bad files
