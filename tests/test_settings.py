@@ -7,7 +7,16 @@ import json
 import pytest
 
 from imgclf.cli import build_parser
-from imgclf.core.settings import Settings, SettingsError, apply_overrides, from_dict, load_settings, section_fields
+from imgclf.core.settings import (
+    SECTIONS,
+    Settings,
+    SettingsError,
+    apply_overrides,
+    as_settings,
+    from_dict,
+    load_settings,
+    section_fields,
+)
 
 
 def test_unknown_setting_suggests_the_close_name():
@@ -53,3 +62,34 @@ def test_flags_override_only_what_is_given():
     from imgclf.cli.parser import overrides
 
     assert overrides(args, "train") == {"epochs": 3, "download": False}
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("top_k", 0, "at least 1"),
+        ("max_pixels", 0, "max_pixels and predict_batch_size must be at least 1"),
+        ("image_size", -5, "image_size -5 is too small"),
+        ("drop_rate", 1.5, "0 to 0.99"),
+        ("label_smoothing", float("nan"), "0 to 0.99"),
+        ("workers", -2, "at least -1"),
+        ("min_side", 0, "at least 1"),
+        ("patience", -1, "at least 0"),
+        ("max_aspect", -3.0, "at least 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_with_the_range(name, value, allowed):
+    """BAD_INPUTS case 60: each is refused naming the setting and what it may be."""
+    with pytest.raises(SettingsError) as raised:
+        as_settings({name: value})
+    assert allowed in str(raised.value) and name in str(raised.value)
+
+
+def test_every_numeric_range_admits_its_default():
+    from dataclasses import fields
+
+    for section in SECTIONS:
+        for spec in fields(getattr(Settings(), section)):
+            low, high = spec.metadata.get("low"), spec.metadata.get("high")
+            if low is not None:
+                assert spec.default >= low and (high is None or spec.default <= high), spec.name

@@ -19,19 +19,22 @@ from typing import Any
 from imgclf.core.errors import SettingsError
 
 
-def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """Declare one setting: its default, its one-line help and, optionally, allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(
+    default: Any, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None
+) -> Any:
+    """Declare one setting: its default, its one-line help and, optionally, allowed values or the
+    range a number must lie in (``low <= value <= high``; NaN is never in range)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
 
 
 @dataclass
 class DataSettings:
     val_fraction: float = setting(0.1, "share of each class held out for validation when no split is given")
     test_fraction: float = setting(0.1, "share of each class held out for testing when no split is given")
-    min_side: int = setting(32, "images smaller than this many pixels on a side are skipped as too small")
-    min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit")
-    audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)")
-    per_class: int = setting(0, "train on at most this many images per class (stratified, seeded; 0: all)")
+    min_side: int = setting(32, "images smaller than this many pixels on a side are skipped as too small", low=1)
+    min_per_class: int = setting(10, "classes with fewer images than this are flagged by the audit", low=1)
+    audit_workers: int = setting(0, "threads used to decode images in the audit (0: one per CPU core)", low=0)
+    per_class: int = setting(0, "train on at most this many images per class (stratified, seeded; 0: all)", low=0)
     allow_outside: bool = setting(False, "read CSV rows whose paths lead outside the CSV's folder (.., absolute)")
 
 
@@ -51,10 +54,10 @@ class ModelSettings:
     pretrained: str = setting(
         "auto", "start from pretrained weights; auto: when the model has weights at hand", choices=("auto", "on", "off")
     )
-    head_hidden: int = setting(0, "classifier head for transfer: 0 linear, N an MLP with N hidden units")
+    head_hidden: int = setting(0, "classifier head for transfer: 0 linear, N an MLP with N hidden units", low=0)
     weights: str = setting("", "pretrained weights from this .safetensors file instead of the built-in ones")
     download: bool = setting(False, "allow downloading pretrained weights from the internet (timm's hub)")
-    drop_rate: float = setting(0.0, "dropout before the classifier")
+    drop_rate: float = setting(0.0, "dropout before the classifier", low=0, high=0.99)
 
 
 @dataclass
@@ -67,15 +70,20 @@ class TrainSettings:
     )
     epochs: int = setting(30, "maximum number of passes over the training images (fewer when the time budget needs)")
     finetune_epochs: int = setting(
-        4, "epochs of training the later layers after the head, in finetune mode (fewer when the time budget needs)"
+        4,
+        "epochs of training the later layers after the head, in finetune mode (fewer when the time budget needs)",
+        low=0,
     )
-    backbone_lr_scale: float = setting(0.1, "learning rate of pretrained layers relative to the head's (finetune)")
+    backbone_lr_scale: float = setting(
+        0.1, "learning rate of pretrained layers relative to the head's (finetune)", low=0
+    )
     freeze_stride: int = setting(
         8,
         "finetune: keep frozen the early layers up to this output stride "
         "(0: train all; 8 skips most of the compute at full resolution)",
+        low=0,
     )
-    distortions: int = setting(0, "augmented views per training image added to the cached features (head)")
+    distortions: int = setting(0, "augmented views per training image added to the cached features (head)", low=0)
     class_weights: str = setting(
         "auto",
         "weight the loss by inverse class frequency; auto: when the imbalance ratio is 3 or more",
@@ -83,13 +91,13 @@ class TrainSettings:
     )
     batch_size: int = setting(64, "images per optimisation step")
     lr: float = setting(2e-3, "peak learning rate of AdamW")
-    weight_decay: float = setting(0.05, "AdamW weight decay")
-    warmup_epochs: float = setting(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
-    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy loss")
+    weight_decay: float = setting(0.05, "AdamW weight decay", low=0)
+    warmup_epochs: float = setting(1.0, "epochs of linear learning-rate warm-up before the cosine decay", low=0)
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy loss", low=0, high=0.99)
     augment: str = setting("light", "augmentation preset", choices=("none", "light", "strong"))
-    patience: int = setting(6, "stop when validation loss has not improved for this many epochs (0: never)")
+    patience: int = setting(6, "stop when validation loss has not improved for this many epochs (0: never)", low=0)
     seed: int = setting(0, "random seed: the same seed and data give the same model")
-    max_steps: int = setting(0, "stop after this many optimisation steps in total (0: no limit; for tests)")
+    max_steps: int = setting(0, "stop after this many optimisation steps in total (0: no limit; for tests)", low=0)
 
 
 @dataclass
@@ -101,7 +109,7 @@ class EvaluateSettings:
 
 @dataclass
 class PredictSettings:
-    top_k: int = setting(5, "how many labels to return per image")
+    top_k: int = setting(5, "how many labels to return per image", low=1)
     min_confidence: str = setting(
         "",
         "below this top probability the label is 'unknown': a number, or auto for the bundle's recommended threshold",
@@ -127,10 +135,14 @@ class FetchSettings:
     read_timeout: float = setting(20.0, "fetch: seconds to wait for the next bytes of an answer")
     url_timeout: float = setting(60.0, "fetch: seconds one URL may take in all, retries included (cuts off tricklers)")
     retries: int = setting(3, "fetch: retries of a transient failure (connect error, timeout, 408/425/429/5xx)")
-    retry_after_cap: float = setting(30.0, "fetch: longest Retry-After honoured; a longer one gives up as rate_limited")
+    retry_after_cap: float = setting(
+        30.0, "fetch: longest Retry-After honoured; a longer one gives up as rate_limited", low=0
+    )
     max_bytes: int = setting(20_000_000, "fetch: larger answers are refused while streaming (too_large)")
     max_redirects: int = setting(5, "fetch: redirects followed, each hop checked; more is too_many_redirects")
-    breaker_failures: int = setting(3, "fetch: failed connections in a row after which a host is not tried again")
+    breaker_failures: int = setting(
+        3, "fetch: failed connections in a row after which a host is not tried again", low=1
+    )
     user_agent: str = setting("imgclf/0.1 (image classifier training-set builder)", "fetch: the User-Agent sent")
     respect_noai: bool = setting(True, "fetch: honour X-Robots-Tag noai / noimageai (robots_denied)")
     placeholder_url: str = setting("", "fetch: regex of placeholder URLs, added to the built-in Flickr and imgur ones")
@@ -140,10 +152,14 @@ class FetchSettings:
         "fetch: the same photo under two labels: drop it, or keep it under the first label",
         choices=("drop", "first"),
     )
-    min_bytes: int = setting(0, "fetch: smaller files are too_small (0: any; small real thumbnails exist)")
-    max_aspect: float = setting(0.0, "fetch: a longer side over this many times the shorter is bad_aspect (0: any)")
-    max_side: int = setting(0, "fetch: downscale kept images to at most this many pixels on the long side (0: keep)")
-    max_per_class: int = setting(0, "fetch: stop at this many good images per class, kept balanced (0: all)")
+    min_bytes: int = setting(0, "fetch: smaller files are too_small (0: any; small real thumbnails exist)", low=0)
+    max_aspect: float = setting(
+        0.0, "fetch: a longer side over this many times the shorter is bad_aspect (0: any)", low=0
+    )
+    max_side: int = setting(
+        0, "fetch: downscale kept images to at most this many pixels on the long side (0: keep)", low=0
+    )
+    max_per_class: int = setting(0, "fetch: stop at this many good images per class, kept balanced (0: all)", low=0)
     keep_rejected: bool = setting(False, "fetch: keep rejected content under DATA_DIR/_rejected/<reason>/ for a look")
 
 
@@ -157,8 +173,8 @@ class SystemSettings:
         "auto", "number format: auto picks bf16 where the CPU/GPU supports it", choices=("auto", "fp32", "bf16")
     )
     channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
-    threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
-    workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)")
+    threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)", low=0)
+    workers: int = setting(-1, "DataLoader worker processes (-1: chosen from CPU count and cache)", low=-1)
     cache: str = setting(
         "auto", "keep decoded images in memory: auto does so when they fit", choices=("auto", "ram", "none")
     )
@@ -241,8 +257,21 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     return result
 
 
+def _check_ranges(settings: Settings) -> None:
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        for spec in fields(section):
+            low, high, value = spec.metadata.get("low"), spec.metadata.get("high"), getattr(section, spec.name)
+            if low is None and high is None:
+                continue
+            if (low is not None and not value >= low) or (high is not None and not value <= high):  # NaN: neither
+                allowed = f"{low} to {high}" if low is not None and high is not None else f"at least {low}"
+                raise SettingsError(f"setting '{spec.name}': {value!r} is out of range ({allowed})")
+
+
 def validate(settings: Settings) -> None:
     """Refuse values that cannot work, with the reason."""
+    _check_ranges(settings)
     d, m, t, s = settings.data, settings.model, settings.train, settings.system
     if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
         raise SettingsError("val_fraction and test_fraction must be in [0, 1) and leave room for training")
@@ -264,9 +293,11 @@ def validate(settings: Settings) -> None:
     confidence = settings.predict.min_confidence
     if confidence not in ("", "auto"):
         try:
-            float(confidence)
+            number = float(confidence)
         except ValueError:
             raise SettingsError(f"min_confidence: '{confidence}' is neither a number nor auto") from None
+        if not 0 <= number <= 1:
+            raise SettingsError(f"min_confidence: {confidence} is not a probability in [0, 1] (or auto)")
 
 
 def _validate_fetch(f: FetchSettings) -> None:
