@@ -76,9 +76,12 @@ def test_min_confidence_answers_unknown_below_the_threshold(digits_run, digits_d
     assert ((labels == "unknown") == (top < cut)).all() and 0 < (labels == "unknown").sum() < len(files)
     threshold = clf.meta["threshold"]["threshold"]  # chosen on validation when the run was calibrated
     assert ((clf.predict(files, min_confidence="auto") == "unknown") == (top < threshold)).all()
-    assert main(["predict", str(digits_run), *files[:6], "--min-confidence", "1.01", "--format", "json"]) == 0
+    unsure = [f for f, p in zip(files, top) if p < 0.999][:6]
+    assert main(["predict", str(digits_run), *unsure, "--min-confidence", "1", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["label"] for r in rows] == ["unknown"] * 6 and all(r["top"] for r in rows)
+    assert [r["label"] for r in rows] == ["unknown"] * len(unsure) and all(r["top"] for r in rows) and unsure
+    assert main(["predict", str(digits_run), *unsure, "--min-confidence", "1.01"]) == 2  # not a probability
+    assert "min_confidence: 1.01 is not a probability in [0, 1]" in capsys.readouterr().err
 
 
 def test_evaluate_on_other_labelled_data_writes_its_own_report(digits_run, digits_dir, tmp_path):
@@ -115,3 +118,84 @@ def test_predict_exits_non_zero_when_every_file_failed(digits_run, tmp_path, cap
     assert main(["predict", str(digits_run), *map(str, bad)]) == 1
     err = capsys.readouterr().err
     assert "a.png" in err and "b.jpg" in err
+
+
+def test_predict_into_a_pipe_that_closes_ends_quietly(digits_run, digits_dir):
+    """BAD_INPUTS case 61: `imgclf predict ... | head -n 2` ends without a traceback."""
+    import subprocess
+    import sys
+
+    files = [str(p) for p in sorted(digits_dir.glob("*/*.png"))[:400]]
+    command = [sys.executable, "-m", "imgclf.cli", "predict", str(digits_run), *files]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        first = [child.stdout.readline() for _ in range(2)]
+        child.stdout.close()  # what head does after its lines
+        err = child.stderr.read().decode()
+        code = child.wait(timeout=120)
+    assert all(line.count(b"\t") == 5 for line in first)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code in (0, 141)  # 0 when every line fitted in the pipe before it closed
+
+
+def test_json_stays_valid_with_a_bad_file_in_the_middle_and_a_stop(digits_run, digits_dir, tmp_path, capsys):
+    """Case 61: a failing file mid-stream is one entry among the others; a stop part way through
+    still leaves one valid JSON array of what was done."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for n, png in enumerate(sorted(digits_dir.glob("*/*.png"))[:40]):
+        shutil.copy(png, folder / f"{n:03d}.png")
+    (folder / "020_broken.png").write_bytes(b"<html>moved</html>")
+    assert main(["predict", str(digits_run), str(folder), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["path"].rsplit("/", 1)[-1] for r in rows]
+    assert len(rows) == 41 and names.index("020_broken.png") == 21 and rows[21]["error"] == "not an image"
+
+    from imgclf.cli import render
+    from imgclf.predictors.base import FilePrediction
+
+    def stopped_midway():
+        yield FilePrediction(path="a.png", labels=["3"], probs=[0.9])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        render.predictions(stopped_midway(), "json", 1)
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == ["a.png"]
+
+
+def test_each_file_is_predicted_once_through_symlink_loops_and_repeats(digits_run, digits_dir, tmp_path, capsys):
+    """BAD_INPUTS case 62: a folder holding a link to itself, a symlinked sub-folder, a glob that
+    walks the loop, and a file given twice: every photo is predicted exactly once."""
+    import os
+
+    folder = tmp_path / "photos"
+    (folder / "a").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pngs = sorted(digits_dir.glob("*/*.png"))[:6]
+    for n, png in enumerate(pngs[:4]):
+        shutil.copy(png, folder / "a" / f"{n}.png")
+    for n, png in enumerate(pngs[4:]):
+        shutil.copy(png, outside / f"x{n}.png")
+    os.symlink(folder, folder / "a" / "loop")
+    os.symlink(outside, folder / "linked")
+    args = [str(folder), str(tmp_path / "photos" / "**" / "*.png"), str(folder / "a" / "0.png")]
+    assert main(["predict", str(digits_run), *args, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    real = sorted(os.path.realpath(r["path"]) for r in rows)
+    assert len(real) == len(set(real)) == 6, real
+
+
+def test_extreme_aspect_ratios_are_predicted_at_prediction(digits_run, tmp_path):
+    """BAD_INPUTS case 9: a 1x1 photo and a 1:10000 strip are predicted (the crop box is resampled,
+    not the whole strip scaled up), in bounded time."""
+    import time
+
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (0, 0, 0)).save(tmp_path / "dot.png")
+    Image.new("RGB", (10_000, 1), (255, 255, 255)).save(tmp_path / "strip.png")
+    clf = imgclf.load(digits_run, {"precision": "fp32"})
+    started = time.perf_counter()
+    proba = clf.predict_proba([str(tmp_path / "dot.png"), str(tmp_path / "strip.png")])
+    assert proba.shape == (2, 10) and np.allclose(proba.sum(axis=1), 1, atol=1e-4)
+    assert time.perf_counter() - started < 10

@@ -2,7 +2,8 @@
 terminal (and written to ``--events FILE.jsonl``), and SIGINT/SIGTERM turned into a stop.
 
 Exit status: 0 done, 1 nothing to do (or predict: not one file could be read), 2 a user error (one
-line naming the cause), 3 stopped (resumable), 130 interrupted at once (fetch: stopped by Ctrl-C).
+line naming the cause), 3 stopped (resumable), 130 interrupted at once (fetch: stopped by Ctrl-C),
+141 the reader of the output went away (``imgclf predict ... | head``), quietly.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad argument (already said in one line)
         return int(exc.code or 0)
+    render.prepare_streams()
     terminal = render.Terminal()
     sink = JsonLines(args.events) if getattr(args, "events", None) else None
     events = tee(terminal, sink) if sink else terminal
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImgclfError as exc:
         render.error_line(str(exc).replace("\n", " "))
         return 2
+    except BrokenPipeError:  # the reader went away (predict ... | head): end quietly, as cat does
+        render.quiet_stdout()
+        return 141
     except OSError as exc:
         if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
             raise

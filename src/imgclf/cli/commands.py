@@ -158,21 +158,43 @@ def demo(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """Files from files, folders (recursive, image names only) and globs; and inputs that matched nothing."""
-    files, missing = [], []
+    """Files from files, folders (recursive, image names only, symlinked folders followed once)
+    and globs, each file once however often it is reached (a symlink loop, a file given twice);
+    and the inputs that matched nothing."""
+    files, missing, seen = [], [], set()
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            files.append(path)
+
     for item in inputs:
         if os.path.isdir(item):
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
+            for path in _images_under(item):
+                add(path)
         elif os.path.exists(item):
-            files.append(item)
+            add(item)
         else:
-            matched = sorted(glob.glob(item, recursive=True))
-            files += [m for m in matched if os.path.isfile(m)]
+            matched = sorted(glob.glob(item, recursive=True))  # ** follows links: a loop repeats, bounded by ELOOP
+            for path in matched:
+                if os.path.isfile(path):
+                    add(path)
             if not matched:
                 missing.append(item)
     return files, missing
+
+
+def _images_under(folder: str):
+    visited = set()  # (device, inode) of each folder entered: a symlink loop is entered once
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f))
 
 
 HANDLERS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -155,6 +156,19 @@ def error_line(text: str) -> None:
     print(f"imgclf: error: {text}", file=sys.stderr, flush=True)
 
 
+def prepare_streams() -> None:
+    """File names that are not UTF-8 (bytes as Linux allows) are written back as the same bytes,
+    as ls does, rather than failing the command with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
+def quiet_stdout() -> None:
+    """After the reader of stdout went away: send the rest nowhere, so the exit's flush cannot fail."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def predictions(results: Iterable[FilePrediction], fmt: str, k: int, decided: bool = False) -> int:
     """Stream predictions as a table, a JSON array or CSV; returns the number of bad files.
     With ``decided`` (a confidence threshold in use) the decision comes first: a label or unknown."""
@@ -168,19 +182,33 @@ def predictions(results: Iterable[FilePrediction], fmt: str, k: int, decided: bo
         )
     if fmt == "json":
         sys.stdout.write("[")
-    for n, pred in enumerate(results):
-        bad += bool(pred.error)
-        if pred.error:
-            print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
+    try:
+        for n, pred in enumerate(results):
+            bad += bool(pred.error)
+            if pred.error:
+                print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
+            if fmt == "json":
+                sys.stdout.write(("," if n else "") + "\n  " + _json_text(pred.to_dict()))
+            elif writer:
+                cells = [x for label, p in zip(pred.labels, pred.probs) for x in (label, f"{p:.6f}")]
+                writer.writerow([pred.path, pred.error] + ([pred.label] if decided else []) + cells)
+            elif not pred.error:
+                first = [pred.label] if decided else []
+                scores = (f"{label} {p:.3f}" for label, p in zip(pred.labels, pred.probs))
+                print("\t".join([pred.path, *first, *scores]))
+    finally:  # stopped in the middle: what was written is still one valid JSON array
         if fmt == "json":
-            sys.stdout.write(("," if n else "") + "\n  " + json.dumps(pred.to_dict(), ensure_ascii=False))
-        elif writer:
-            cells = [x for label, p in zip(pred.labels, pred.probs) for x in (label, f"{p:.6f}")]
-            writer.writerow([pred.path, pred.error] + ([pred.label] if decided else []) + cells)
-        elif not pred.error:
-            first = [pred.label] if decided else []
-            print("\t".join([pred.path, *first, *(f"{label} {p:.3f}" for label, p in zip(pred.labels, pred.probs))]))
-    if fmt == "json":
-        sys.stdout.write("\n]\n")
-    sys.stdout.flush()
+            sys.stdout.write("\n]\n")
+        sys.stdout.flush()
     return bad
+
+
+def _json_text(value) -> str:
+    """JSON with non-ASCII text as it is, unless a file name holds bytes that are not UTF-8
+    (lone surrogates, which no UTF-8 output can carry): then escaped, still valid JSON."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(value)
