@@ -101,3 +101,22 @@ def test_bundle_carries_what_predict_needs(digits_run):
     assert prep["image_size"] == 24 and prep["interpolation"] == "bilinear"
     assert 0.05 < prep["mean"][0] < 0.6 and prep["std"][0] > 0.05  # measured on the training split
     assert meta["settings"]["model"]["model"] == "cnn3" and {"torch", "timm"} <= set(meta["versions"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": ["0", "1", "1", "3", "4", "5", "6", "7", "8", "9"]}, "'classes' must list at least 2 distinct"),
+        ({"temperature": 0}, "'temperature' must be a positive number"),
+        ({"temperature": float("nan")}, "'temperature' must be a positive number"),
+        ({"threshold": {"threshold": 1.5, "target_precision": 0.95}}, "'threshold.threshold' must be a probability"),
+        ({"threshold": "high"}, "'threshold.threshold' must be a probability"),
+        ({"classes": ["a", "b", "c"]}, "model.json lists 3 classes"),
+    ],
+)
+def test_model_json_fields_that_cannot_be_right_are_named(bundle_copy, change, message):
+    """BAD_INPUTS case 42: each refused with the field named, on the torch path and the ONNX one."""
+    meta = json.loads((bundle_copy / "model.json").read_text())
+    (bundle_copy / "model.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)

@@ -86,3 +86,72 @@ def test_an_openvino_failure_leaves_the_onnx_export_whole(digits_run, tmp_path, 
     record = json.loads((out / "model.json").read_text())["onnx"]["openvino"]
     assert "unsupported operation" in record["error"] and not record["recommended"]
     assert choose_backend(out) == "onnx"
+
+
+@pytest.fixture(scope="module")
+def export_folder(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    assert main(["export", str(digits_run), "--out", str(out)]) == 0
+    return out
+
+
+def _copy_with_external_data(export_folder, target, location: str):
+    """The export in ``target`` with its weights moved to an external file ``location``."""
+    import shutil
+
+    import onnx
+
+    shutil.copytree(export_folder, target)
+    model = onnx.load(str(target / "model.onnx"))
+    # small constants stay inline: ONNX Runtime reads shapes from them
+    onnx.save_model(
+        model, str(target / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=1024
+    )
+    model = onnx.load(str(target / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(target / "model.onnx"))
+    return target
+
+
+def test_onnx_external_data_outside_the_folder_or_through_a_symlink_is_refused(export_folder, digits_dir, tmp_path):
+    """BAD_INPUTS case 27: weights taken from '../..', an absolute path or a symlink are refused
+    before ONNX Runtime reads anything; inside the folder they load and predict the same."""
+    import os
+
+    from imgclf.core.errors import BundleError
+    from imgclf.predictors.onnx import OnnxClassifier
+
+    photos = [str(p) for p in sorted(digits_dir.glob("*/2*.png"))[:12]]
+    reference = OnnxClassifier(export_folder).predict_proba(photos)
+    inside = _copy_with_external_data(export_folder, tmp_path / "inside", "weights.bin")
+    assert np.allclose(OnnxClassifier(inside).predict_proba(photos), reference, atol=1e-6)
+
+    outside = _copy_with_external_data(export_folder, tmp_path / "outside", "../inside/weights.bin")
+    with pytest.raises(BundleError, match=r"takes its data from '../inside/weights.bin', outside the model's folder"):
+        OnnxClassifier(outside)
+    absolute = _copy_with_external_data(export_folder, tmp_path / "absolute", str(inside / "weights.bin"))
+    with pytest.raises(BundleError, match="outside the model's folder"):
+        OnnxClassifier(absolute)
+    linked = _copy_with_external_data(export_folder, tmp_path / "linked", "weights.bin")
+    os.replace(linked / "weights.bin", tmp_path / "elsewhere.bin")
+    os.symlink(tmp_path / "elsewhere.bin", linked / "weights.bin")
+    with pytest.raises(BundleError, match="through a symlink"):
+        OnnxClassifier(linked)
+
+
+def test_an_export_whose_outputs_do_not_match_its_classes_is_refused(export_folder, tmp_path):
+    """BAD_INPUTS case 41: model.json from another model (3 classes) beside a 10-class export."""
+    import shutil
+
+    from imgclf.core.errors import BundleError
+    from imgclf.predictors.onnx import OnnxClassifier
+
+    shutil.copytree(export_folder, tmp_path / "swapped")
+    meta = json.loads((tmp_path / "swapped" / "model.json").read_text())
+    meta["classes"] = ["a", "b", "c"]
+    (tmp_path / "swapped" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="gives 10 scores but model.json lists 3 classes"):
+        OnnxClassifier(tmp_path / "swapped")

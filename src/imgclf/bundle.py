@@ -104,6 +104,17 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise BundleError(f"{path}: damaged safetensors file ({exc})") from None
 
 
+def _check_class_count(folder, model: torch.nn.Module, state: dict, classes: int) -> None:
+    """Name the usual cause of a size mismatch: a model.json from another model (its class list)."""
+    for name, param in model.state_dict().items():
+        saved = state.get(name)
+        if saved is not None and saved.shape != param.shape and param.shape[:1] == (classes,) and saved.ndim:
+            raise BundleError(
+                f"{folder}: the weights give {saved.shape[0]} scores but model.json lists {classes} classes; "
+                "the weights and model.json do not belong together"
+            )
+
+
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model from a bundle folder (a run folder is one) and load its weights strictly."""
     meta = read_meta(folder)
@@ -115,6 +126,7 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
             drop_rate=float(meta.get("settings", {}).get("model", {}).get("drop_rate", 0.0)),
         )
         install_saved_head(model, meta)
+        _check_class_count(folder, model, state, len(meta["classes"]))
         model.load_state_dict(state, strict=True)
     except (ModelError, RuntimeError) as exc:
         raise BundleError(f"{folder}: weights do not fit {meta['architecture']} ({exc})") from None

@@ -54,8 +54,13 @@ def read_meta(folder: str | Path) -> dict:
             meta["temperature"] = float(meta["temperature"])
         except (TypeError, ValueError):
             raise BundleError(f"{path}: 'temperature' is not a number") from None
-        if not meta["temperature"] > 0:
-            raise BundleError(f"{path}: 'temperature' must be positive")
+        if not 0 < meta["temperature"] < float("inf"):  # NaN is refused too
+            raise BundleError(f"{path}: 'temperature' must be a positive number, not {meta['temperature']}")
+    chosen = meta.get("threshold")
+    if chosen is not None:
+        value = chosen.get("threshold") if isinstance(chosen, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BundleError(f"{path}: 'threshold.threshold' must be a probability in [0, 1], not {value!r}")
     return meta
 
 

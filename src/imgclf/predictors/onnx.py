@@ -35,6 +35,39 @@ def onnx_meta(folder: Path) -> dict:
     return meta
 
 
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose weights live in other files outside its folder, or reached
+    through a symlink (BAD_INPUTS case 27): loading it would read whatever file it names. imgclf's
+    own exports keep their weights inside. Needs the onnx package (installed with imgclf, not with
+    the bare runtime, where ONNX Runtime's own checks apply)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a damaged file: ONNX Runtime's loading says so, in its own words
+        return
+    folder = path.parent.resolve()
+    tensors = list(model.graph.initializer) + [
+        a.t for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        parts = Path(location).parts
+        steps = [
+            path.parent.joinpath(*parts[: i + 1]) for i in range(len(parts))
+        ]  # each folder on the way, and the file
+        inside = not os.path.isabs(location) and (path.parent / location).resolve().is_relative_to(folder)
+        if not inside or any(step.is_symlink() for step in steps):
+            raise BundleError(
+                f"{path}: tensor '{tensor.name}' takes its data from '{location}', outside the model's folder "
+                "or through a symlink; refused (export the model again, with its weights inside)"
+            )
+
+
 class OnnxClassifier(BasePredictor):
     """Predicts labels for photos with an exported ONNX bundle (fp32, or int8 with ``int8=True``)
     on ONNX Runtime."""
@@ -65,8 +98,15 @@ class OnnxClassifier(BasePredictor):
 
     def _open(self, path: Path, threads: int) -> None:
         self.model_path = path
+        check_external_data(path)
         self.session = self._session(threads)  # every core on one batch: the lowest latency
         self.input_name = self.session.get_inputs()[0].name
+        outputs = self.session.get_outputs()[0].shape
+        if isinstance(outputs[-1], int) and outputs[-1] != len(self.meta["classes"]):
+            raise BundleError(
+                f"{path}: the model gives {outputs[-1]} scores but model.json lists {len(self.meta['classes'])} "
+                "classes; the export and its model.json do not belong together: export it again"
+            )
         self._stream_session = None  # opened on the first job of several batches, see _batch_runner
 
     def _session(self, threads: int):
