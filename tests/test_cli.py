@@ -258,3 +258,34 @@ def test_a_user_error_in_a_real_process_has_no_traceback(tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("imgclf: error: ")
+
+
+@pytest.mark.slow
+def test_names_that_are_not_utf8_are_trained_on_and_predicted(digits_dir, tmp_path):
+    """BAD_INPUTS case 47 end to end: a data set whose file names hold Latin-1 bytes trains (with
+    --events), and predict writes such a name back as the same bytes."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for label in ("3", "7"):
+        (data / label).mkdir(parents=True)
+        for n, png in enumerate(sorted((digits_dir / label).glob("*.png"))[:40]):
+            name = os.fsdecode(b"caf\xe9-%d.png" % n) if n % 2 else f"{n}.png"
+            shutil.copy(png, data / label / name)
+    events = tmp_path / "events.jsonl"
+    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--model", "cnn1", "--image-size", "16"]
+    assert main([*argv, "--epochs", "2", "--events", str(events)]) == 0
+    assert all(json.loads(line) for line in events.read_text().splitlines())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] > 0
+    photo = data / "7" / os.fsdecode(b"caf\xe9-1.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf.cli", "predict", str(tmp_path / "run"), str(photo)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout.startswith(os.fsencode(str(photo)) + b"\t") and b"Traceback" not in done.stderr

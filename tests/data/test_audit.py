@@ -290,6 +290,34 @@ def test_corrupt_cache_is_ignored(small_dataset, cache_dir):
     assert again.to_dict() == first.to_dict()
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_checked_again(small_dataset, monkeypatch, how):
+    """rsync -a (a temporary file renamed over the old one) and an in-place rewrite both keep size
+    and mtime; the inode or ctime still differ, so the old verdict is not reused."""
+    audit(scan(small_dataset), DataSettings())
+    target = small_dataset / "hat" / sorted(p.name for p in (small_dataset / "hat").glob("*.jpg"))[0]
+    assert target.name != "notes.jpg"
+    old = target.stat()
+    junk = (b"not a photo " * old.st_size)[: old.st_size]
+    if how == "in place":
+        target.write_bytes(junk)
+        os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    else:
+        temp = target.with_name(".rsync-temp")
+        temp.write_bytes(junk)
+        os.utime(temp, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(temp, target)
+    new = target.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    calls = _record_checks(monkeypatch)
+    report = audit(scan(small_dataset), DataSettings())
+    assert calls == [target.name]
+    assert by_name(report.problems)[target.name] == "not an image"
+    assert report.classes["hat"] == 3
+    _forbid_checks(monkeypatch)  # and the new verdict is cached in its turn
+    assert audit(scan(small_dataset), DataSettings()).to_dict() == report.to_dict()
+
+
 # ---------------------------------------------------------------- names and links
 
 
@@ -320,6 +348,50 @@ def test_unicode_and_spaces_in_names(tmp_path, photos):
     assert "vide é.jpg" in format_report(report)
     report.write_json(tmp_path / "audit.json")
     assert "vide é.jpg" in (tmp_path / "audit.json").read_text(encoding="utf-8")
+
+
+def _non_utf8_names_allowed(folder: Path) -> bool:
+    try:
+        Path(folder, os.fsdecode(b"probe\xe9")).write_bytes(b"")
+    except (OSError, UnicodeError):  # macOS and Windows refuse names that are not Unicode
+        return False
+    Path(folder, os.fsdecode(b"probe\xe9")).unlink()
+    return True
+
+
+def test_names_that_are_not_utf8_are_checked_counted_and_reported(tmp_path, digits_dir):
+    """A name with Latin-1 bytes (from an old camera or a Windows share) is an ordinary file: it is
+    checked, counted and split; a broken one is reported by a readable name; audit.json stays JSON."""
+    if not _non_utf8_names_allowed(tmp_path):
+        pytest.skip("this file system accepts only Unicode file names")
+    root = tmp_path / "data"
+    for label in ("3", "5"):
+        (root / label).mkdir(parents=True)
+        for i, png in enumerate(sorted((digits_dir / label).glob("*.png"))[:8]):
+            name = os.fsdecode(b"caf\xe9 %d.png" % i) if i < 3 else png.name
+            shutil.copyfile(png, root / label / name)
+    broken = os.fsdecode(b"cass\xe9\xff.png")
+    (root / "5" / broken).write_bytes(b"<html>not a digit</html>")
+    scanned = scan(root)
+    assert len(scanned.samples) == 17
+    report = audit(scanned, DataSettings())
+    assert report.classes == {"3": 8, "5": 8}
+    assert sum("caf\udce9" in s.path for s in report.usable) == 6
+    assert report.problems == [{"path": str(root / "5" / broken), "reason": "not an image"}]
+
+    text = format_report(report)
+    assert "cass\\xe9\\xff.png: not an image" in text  # the bytes shown, printable on any terminal
+    text.encode("utf-8")  # no lone surrogate left in what a terminal is given
+
+    report.write_json(tmp_path / "audit.json")
+    raw = (tmp_path / "audit.json").read_bytes()
+    data = json.loads(raw.decode("utf-8"))  # valid UTF-8, valid JSON
+    assert data["n_usable"] == 16
+    assert os.fsencode(data["problems"][0]["path"]) == os.fsencode(root / "5") + b"/cass\xe9\xff.png"
+    assert Path(data["problems"][0]["path"]).exists()  # the name in the report opens the file
+
+    again = audit(scan(root), DataSettings())  # and the cache, keyed on these names, answers
+    assert again.to_dict() == report.to_dict()
 
 
 def _run_with_timeout(function, seconds: float):

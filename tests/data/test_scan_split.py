@@ -4,6 +4,7 @@ deterministic, stable train/val/test split. Scanning only looks at names: the fi
 from __future__ import annotations
 
 import gzip
+import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -437,6 +438,37 @@ def test_hash_fraction_range_and_spread():
     values = [hash_fraction(f"x/{i}.jpg") for i in range(2000)]
     assert all(0.0 <= v < 1.0 for v in values)
     assert abs(np.mean(values) - 0.5) < 0.03
+
+
+def test_split_of_unicode_names_is_what_it_always_was():
+    """Pinned values from before names that are not UTF-8 were supported: no existing split moves."""
+    assert hash_fraction("0/0000.png") == 0.6936306282877922
+    assert hash_fraction("robe d'été/naïve café.jpg") == 0.09791374951601028
+    assert hash_fraction("帽子/2.jpg") == 0.16258611530065536
+    assert hash_fraction("emoji 👗.jpg") == 0.7168319448828697
+
+
+def test_names_that_are_not_utf8_are_split_and_written_to_split_csv(tmp_path):
+    """Latin-1 bytes in a name (the OS hands them over as surrogate escapes) hash, split, and come
+    back from split.csv as the very name, which opens the file."""
+    try:
+        touch(tmp_path / "data" / "a" / os.fsdecode(b"probe\xe9.png")).unlink()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system accepts only Unicode file names")
+    for label in ("a", "b"):
+        for i in range(20):
+            touch(tmp_path / "data" / label / os.fsdecode(b"caf\xe9-%d.png" % i))
+            touch(tmp_path / "data" / label / f"café-{i}.png")
+    samples = assign_splits(scan(tmp_path / "data").samples)
+    assert len(samples) == 80 and {s.split for s in samples} == set(SPLITS)
+    odd = os.fsdecode(b"a/caf\xe9-1.png")
+    assert hash_fraction(odd) != hash_fraction("a/café-1.png")  # its own bytes, not a lookalike
+    assert 0.0 <= hash_fraction(odd) < 1.0 and hash_fraction(odd) == hash_fraction(os.fsdecode(b"a/caf\xe9-1.png"))
+    write_split_csv(samples, tmp_path / "split.csv")
+    back = read_split_csv(tmp_path / "split.csv")
+    assert [(s.path, s.label, s.split) for s in back] == [(s.path, s.label, s.split) for s in samples]
+    assert all(Path(s.path).is_file() for s in back)
+    assert sum(b"caf\xe9-" in os.fsencode(s.path) for s in back) == 40
 
 
 def test_given_splits_are_kept():

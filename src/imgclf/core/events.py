@@ -135,7 +135,7 @@ class JsonLines:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._handle = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
         self._lock = threading.RLock()  # re-entrant: a signal handler in the same thread may emit
 
     def __call__(self, event: Event) -> None:

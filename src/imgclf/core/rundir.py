@@ -79,7 +79,7 @@ class RunDir:
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
         self.make()
-        atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8", errors="backslashreplace"))
         return path
 
     def read_run(self) -> dict:

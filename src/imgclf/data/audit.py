@@ -1,8 +1,9 @@
 """Check a data set before training: decode every image once, in parallel, and report what is wrong.
 
-Results per file are cached on (path, size, mtime), so checking an unchanged folder again only
-stats the files. Duplicates are exact (content hash): inside a class, across classes (conflicting
-labels) and across splits (leakage).
+Results per file are cached on (path, size, mtime, inode, ctime), so checking an unchanged folder
+again only stats the files, and a file replaced with its size and mtime kept (``rsync -a``) is
+checked again: its inode or ctime changed, and no tool can set those back. Duplicates are exact
+(content hash): inside a class, across classes (conflicting labels) and across splits (leakage).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from imgclf.core.events import Events, StopToken, Tracker, channel, info, stop_t
 from imgclf.core.settings import DataSettings, SystemSettings
 from imgclf.data.images import ImageError
 from imgclf.data.sources import Sample, ScanResult, decode_sample, read_sample, reader
+from imgclf.data.split import name_bytes
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: inode and ctime in the key; entries of version 1 are dropped, not kept forever
 
 
 def cache_dir() -> Path:
@@ -82,7 +84,17 @@ class AuditReport:
 
     def write_json(self, path: str | Path) -> None:
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        # A name that is not valid UTF-8 holds lone surrogates, which UTF-8 cannot encode: they are
+        # written as JSON's own \udcXX escape, so json.loads gives back the very name (and
+        # os.fsencode its bytes) while every other name stays readable UTF-8.
+        data = text.encode("utf-8", "backslashreplace")
+        atomic_write(path, lambda temp: Path(temp).write_bytes(data))
+
+
+def readable(name: str) -> str:
+    """A name for people: bytes that are not UTF-8 shown as ``\\xe9``, never a lone surrogate
+    (which a UTF-8 terminal or file refuses)."""
+    return name_bytes(name).decode("utf-8", "backslashreplace")
 
 
 def _load_cache(path: Path) -> dict:
@@ -105,7 +117,15 @@ def _save_cache(path: Path, files: dict, events: Events) -> None:
 
 def _file_key(sample: Sample, max_pixels: int) -> str | None:
     stamp = reader(sample).stamp(sample)
-    return None if stamp is None else f"{stamp}|{max_pixels}"
+    if stamp is None:
+        return None
+    try:
+        stat = os.stat(sample.path)
+    except OSError:  # a reader whose samples are not files: its own stamp is all there is
+        return f"{stamp}|{max_pixels}"
+    # size and mtime are kept by rsync -a, cp -p and touch -r; the inode and ctime of a replaced
+    # file are new whatever the tool does
+    return f"{stamp}|{stat.st_ino}|{stat.st_ctime_ns}|{max_pixels}"
 
 
 def check_files(
@@ -119,7 +139,7 @@ def check_files(
     """Check every sample, reusing cached results for files that have not changed. A stop keeps
     what was checked so far in the cache, then raises Stopped."""
     events, stop = channel(events), stop_token(stop)
-    source_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:16]
+    source_key = hashlib.sha1(name_bytes(os.path.abspath(source))).hexdigest()[:16]
     cache_path = cache_dir() / f"audit-{source_key}.json"
     cache = _load_cache(cache_path)
     keys = [_file_key(s, max_pixels) for s in samples]
@@ -251,26 +271,26 @@ def audit(
 def format_report(report: AuditReport, max_rows: int = 50) -> str:
     """A table for the terminal: class counts, then problems and duplicates."""
     lines = [
-        f"{report.source}: {report.n_files} files, {len(report.usable)} usable, "
+        f"{readable(report.source)}: {report.n_files} files, {len(report.usable)} usable, "
         f"{len(report.classes)} classes, imbalance ratio {report.imbalance_ratio}"
     ]
     split_names = sorted(report.splits)
-    width = max([len(c) for c in report.classes] + [5])
+    width = max([len(readable(c)) for c in report.classes] + [5])
     lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in split_names) + "    total")
     for label, total in sorted(report.classes.items()):
         cells = "  ".join(f"{report.splits[s].get(label, 0):>7}" for s in split_names)
         flag = "  (few images)" if label in report.small_classes else ""
-        lines.append(f"  {label:<{width}}  {cells}  {total:>7}{flag}")
+        lines.append(f"  {readable(label):<{width}}  {cells}  {total:>7}{flag}")
     if report.problems:
         lines.append(f"{len(report.problems)} files skipped:")
-        lines += [f"  {p['path']}: {p['reason']}" for p in report.problems[:max_rows]]
+        lines += [f"  {readable(p['path'])}: {p['reason']}" for p in report.problems[:max_rows]]
         if len(report.problems) > max_rows:
             lines.append(f"  ... and {len(report.problems) - max_rows} more (see --json)")
     if report.duplicates:
         kinds = Counter(d["kind"] for d in report.duplicates)
         lines.append("duplicates: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(kinds.items())))
         for dup in report.duplicates[:max_rows]:
-            lines.append(f"  {dup['kind']}: " + " = ".join(dup["paths"]))
+            lines.append(f"  {dup['kind']}: " + " = ".join(readable(p) for p in dup["paths"]))
     return "\n".join(lines)
 
 

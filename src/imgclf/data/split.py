@@ -24,10 +24,25 @@ _NOHASH = re.compile(r"_nohash_.*$")
 _BUCKETS = 2**27 - 1
 
 
+def name_bytes(name: str) -> bytes:
+    """The bytes of a file name as the file system holds them, for hashing.
+
+    Names that are not valid UTF-8 come from the OS as surrogate escapes, which plain
+    ``.encode()`` refuses; ``surrogateescape`` gives their original bytes back (as ``os.fsencode``
+    does on a UTF-8 file system) and the very same bytes as before for every valid name, whatever
+    the locale, so existing splits do not move. ``surrogatepass`` covers the unpaired UTF-16
+    surrogates a Windows name may hold.
+    """
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogatepass")
+
+
 def hash_fraction(rel_path: str) -> float:
     """A stable number in [0, 1) for a file, from its relative path."""
     stem = _NOHASH.sub("", rel_path)
-    digest = hashlib.sha1(stem.encode("utf-8")).hexdigest()
+    digest = hashlib.sha1(name_bytes(stem)).hexdigest()
     return (int(digest, 16) % (_BUCKETS + 1)) / (_BUCKETS + 1)
 
 
@@ -103,10 +118,13 @@ SPLIT_COLUMNS = ["path", "label", "split", "kind", "member"]
 
 
 def write_split_csv(samples: list[Sample], path: str | Path) -> None:
-    """The split used, one row per image: ``path,label,split,kind,member``, written atomically."""
+    """The split used, one row per image: ``path,label,split,kind,member``, written atomically.
+
+    A file name that is not valid UTF-8 is written as its own bytes (``surrogateescape``), so
+    :func:`read_split_csv` gives back a path that opens the file; every other name is plain UTF-8."""
 
     def write(temp: str) -> None:
-        with open(temp, "w", newline="", encoding="utf-8") as handle:
+        with open(temp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.writer(handle)
             writer.writerow(SPLIT_COLUMNS)
             for sample in samples:
@@ -117,7 +135,7 @@ def write_split_csv(samples: list[Sample], path: str | Path) -> None:
 
 def read_split_csv(path: str | Path) -> list[Sample]:
     """The samples of a run's split.csv (also the ``index`` column that earlier versions wrote)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         rows = list(csv.DictReader(handle))
     samples = []
     for r in rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,11 +90,22 @@ def _key(job: Job, model: nn.Module) -> str:
 
 
 def _backbone_file(key: str, model: nn.Module, job: Job) -> Path:
-    path = cache_dir() / "engines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda temp: to_onnx(_Pooled(copy.deepcopy(model)), job.prep.image_size, temp, "features"))
-    return path
+    """The backbone as ONNX, kept in the cache; in a temporary folder for this run when the cache
+    cannot be written (full, read-only), so that the run goes on."""
+    name = f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
+    folders = (cache_dir() / "engines", lambda: Path(tempfile.mkdtemp(prefix="imgclf-engine-")))
+    for folder in (f() if callable(f) else f for f in folders):  # the temporary one only when needed
+        path = folder / name
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(
+                    path, lambda temp: to_onnx(_Pooled(copy.deepcopy(model)), job.prep.image_size, temp, "features")
+                )
+            return path
+        except OSError:
+            continue
+    raise OSError(f"cannot write the backbone's ONNX file to {cache_dir()} or a temporary folder")
 
 
 def _rate(run: Features, batch: torch.Tensor) -> float:
