@@ -125,3 +125,27 @@ def test_an_event_stream_outlives_the_body_timeout(tmp_path):
                     elif len(statuses) == 2:
                         store.finish_job(job["id"], "cancelled")
     assert [json.loads(s)["state"] for s in statuses] == ["queued", "running", "cancelled"]
+
+
+def test_a_prediction_over_the_time_limit_is_504_and_frees_its_slot(tmp_path, digits_run, digits_dir):
+    import shutil
+
+    from imgclf.api import export
+
+    home = tmp_path / "home"
+    with _client(home, Limits(predict_timeout=1e-3)) as client:
+        model = client.post("/v1/models", json={"name": "digits", "categories": ["a", "b"]}).json()
+        export(digits_run, Home(home).version_dir(model["id"], 1) / "onnx")
+        for name in ("run.json", "settings.json"):
+            shutil.copy(digits_run / name, Home(home).version_dir(model["id"], 1) / name)
+        Store(Home(home)).execute("UPDATE models SET active_version = 1 WHERE id = ?", model["id"])
+        photo = sorted((digits_dir / "3").glob("*.png"))[0].read_bytes()
+        target = f"/v1/models/{model['id']}/predict"
+        many = [("files", (f"{n}.png", photo, "image/png")) for n in range(150)]  # well over a millisecond
+        slow = client.post(target, files=many)
+        assert client.app.state.predicting == 0, "the slot is free again"
+        client.app.state.limits = Limits()
+        fine = client.post(target, content=photo, headers={"Content-Type": "image/png"})
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "prediction_timeout", slow.text
+    assert "send fewer or smaller images" in slow.json()["error"]["message"]
+    assert fine.status_code == 200 and fine.json()["results"][0]["label"] in [str(n) for n in range(10)]

@@ -29,6 +29,7 @@ class Limits:
     min_per_category: int = 10  # photos per category before a model can be trained
     min_free_disk: int = 512 * 2**20
     predict_queue: int = 32  # predictions being answered or waiting; more get 503 with Retry-After
+    predict_timeout: float = 30.0  # seconds for one request's predictions; over it: 504, and the slot is freed
     queued_jobs: int = 8  # training jobs waiting in all; more get 429 with Retry-After
     body_timeout: float = 30.0  # seconds a client may take between two pieces of its body (slow clients: 408)
     drain_seconds: float = 2.0  # after SIGTERM: new requests get 503 while those in flight finish
@@ -79,6 +80,7 @@ _MEANING = {
     422: "the request is malformed, or there are too few photos",
     429: "too many trainings queued (Retry-After)",
     503: "busy, shutting down, or the database is away (Retry-After)",
+    504: "the predictions took longer than the limit",
     507: "the service's disk is nearly full",
 }
 ERROR_RESPONSES = {status: {"model": ErrorBody, "description": text} for status, text in _MEANING.items()}

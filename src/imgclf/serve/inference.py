@@ -6,9 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from starlette.concurrency import run_in_threadpool
+from PIL import Image
 from starlette.datastructures import UploadFile  # what request.form() gives (FastAPI's is a subclass)
 
 from imgclf.core.errors import ImageError, ImgclfError
@@ -42,17 +43,18 @@ def predictor_for(app: FastAPI, model_id: str, number: int):
 
 
 def warm_up(app: FastAPI) -> None:
-    """Load every model's active version in the background, so that the first predictions after
-    a start are as fast as the rest; ``/readyz`` answers 503 ``warming`` until done. A version
-    that cannot load is left to answer its own 409 when asked."""
+    """Load every model's active version and answer one prediction with it, in the background, so
+    that the first predictions after a start are as fast as the rest; ``/readyz`` answers 503
+    ``warming`` until done. A version that cannot load is left to answer its own 409 when asked."""
     active = app.state.store.query("SELECT id, active_version FROM models WHERE active_version IS NOT NULL")
     app.state.warm = not active
 
     def load_all() -> None:
         for row in active:
             try:
-                predictor_for(app, row["id"], int(row["active_version"]))
-            except ServiceError:
+                clf = predictor_for(app, row["id"], int(row["active_version"]))
+                clf.predict_proba([Image.new("RGB", (64, 64), (128, 128, 128))])  # the first run's set-up, done now
+            except (ServiceError, ImgclfError, RuntimeError):
                 pass
         app.state.warm = True
 
@@ -119,7 +121,17 @@ async def _predict(request: Request, model_id: str, k: int, min_confidence: str,
         threshold = clf.confidence_threshold(min_confidence or None)
     except ImgclfError as exc:
         raise ServiceError(422, exc.code, str(exc)) from None
-    results = await run_in_threadpool(_predict_all, clf, inputs, k, threshold, request.app.state.limits)
+    limits = request.app.state.limits
+    try:  # past the limit the answer is 504 and the queue slot is freed; the thread ends on its own
+        with anyio.fail_after(limits.predict_timeout):
+            results = await anyio.to_thread.run_sync(
+                _predict_all, clf, inputs, k, threshold, limits, abandon_on_cancel=True
+            )
+    except TimeoutError:
+        raise ServiceError(
+            504, "prediction_timeout",
+            f"the predictions took over {limits.predict_timeout:g} s; send fewer or smaller images, or try again",
+        ) from None  # fmt: skip
     for position in sorted(failed):  # URLs that gave no photo keep their place in the answer
         results.insert(position, failed[position])
     return {"model_id": model_id, "version": number, "results": results}
