@@ -49,7 +49,9 @@ def test_all_small_is_the_data_sets_resolution_and_an_outlier_is_named(small_set
 def test_a_folder_of_28px_jpegs_trains_with_the_defaults(small_set, tmp_path):
     # the defaults but the time budget (10 minutes by default; the plan fits itself to 45 s)
     result = imgclf.train(small_set, tmp_path / "run", {"time_budget": "45s"})
-    assert result.status == "finished"
+    # a machine slowed by other work after the plan was measured stops at the budget, keeping its
+    # best epoch: that is the budget doing its job; the accuracy below must hold either way
+    assert result.status in ("finished", "stopped")
     top1 = imgclf.evaluate(tmp_path / "run", tmp_path / "eval")["top1"]
     print(f"28x28 digits, defaults, 45 s budget: test top-1 {top1:.3f}")
     assert top1 > 0.1 + 0.5, f"top-1 {top1:.3f}: chance is 0.1"
