@@ -607,3 +607,60 @@ def test_is_image_name():
     assert is_image_name("a/B.JPG") and is_image_name("x.tiff") and is_image_name("y.webp")
     assert not is_image_name("notes.txt") and not is_image_name("scan.pdf")
     assert is_image_name("IMG_1.HEIC"), "listed, so that each is read (pillow-heif) or reported, never skipped unseen"
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])
+def test_bombs_over_and_far_over_pillows_limit_are_refused_with_flat_memory(tmp_path, side):
+    """BAD_INPUTS case 5: 10000x10000 (over Pillow's limit: its warning is an error here) and
+    20000x20000 (far over: Pillow's own error), each a solid PNG under 1 MB; refused from the
+    header, with no more than a few MB allocated (decoding would take 300 MB or 1.2 GB)."""
+    import tracemalloc
+    import zlib
+
+    # a valid PNG written row by row, so the test itself never holds the pixels
+    rows = zlib.compressobj(9)
+    body = b"".join(rows.compress(b"\x00" + bytes(side)) for _ in range(side)) + rows.flush()
+    assert len(body) < 1_000_000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="too many pixels"):
+            load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse it"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_a_thousand_frame_animation_gives_its_first_frame_in_bounded_time(tmp_path, fmt):
+    """BAD_INPUTS case 8: 1,000 frames, the first one only, well under a second."""
+    frames = [Image.new("RGB", (256, 256), (250 - i % 200, i // 4, 40)) for i in range(1000)]  # all differ
+    path = tmp_path / f"anim.{fmt.lower()}"
+    extra = {"lossless": True} if fmt == "WEBP" else {}  # lossy WebP merges frames that look alike
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:], duration=40, loop=0, **extra)
+    with Image.open(path) as check:
+        assert getattr(check, "n_frames", 1) == 1000
+    started = time.perf_counter()
+    image = load_image(path)
+    assert time.perf_counter() - started < 1.0
+    assert np.abs(np.asarray(image)[5, 5].astype(int) - (250, 0, 40)).max() < 12
+
+
+def test_very_long_and_unicode_names_load(tmp_path, photos):
+    """BAD_INPUTS case 16: a 250-byte name (near the 255-byte limit) in Japanese, with spaces."""
+    import shutil
+
+    name = ""
+    while len((name + "写真 ").encode()) <= 251:
+        name += "写真 "
+    name += ".jpg"
+    assert 240 < len(name.encode()) <= 255
+    shutil.copy(photos[0], tmp_path / name)
+    assert load_image(tmp_path / name).mode == "RGB"

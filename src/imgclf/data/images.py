@@ -176,7 +176,7 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
         if info.st_size > max_bytes:
             raise ImageError(name, f"too large ({info.st_size // 2**20} MB; no photo is over {max_bytes // 2**20} MB)")
         try:
-            return handle.read(max_bytes + 1)
+            return handle.read()  # sized from the file (read(n) would allocate n bytes up front)
         except OSError as exc:
             raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
 
