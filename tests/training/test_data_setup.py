@@ -41,3 +41,39 @@ def test_no_images_at_all_is_a_clear_error(tmp_path):
 def test_a_second_train_into_a_used_run_folder_is_refused(digits_run):
     with pytest.raises(TrainError, match="already holds a run.*--resume"):
         train("anything", digits_run, {"epochs": 1})
+
+
+def test_no_test_split_is_refused_before_training_and_no_val_split_is_said(digits_dir, tmp_path):
+    """BAD_INPUTS case 52: test_fraction 0 with no test split given is refused before any
+    training (nothing written but the audit); val_fraction 0 trains, saying what it gives up."""
+    import json
+
+    from imgclf.core.events import Message
+
+    for label in ("3", "7"):
+        _class(digits_dir, tmp_path / "data" / label, label, 30)
+    with pytest.raises(DataError, match="no test images after the split.*--test-fraction"):
+        train(str(tmp_path / "data"), tmp_path / "no-test", {"test_fraction": 0, "model": "cnn1"})
+    assert not (tmp_path / "no-test" / "model.safetensors").exists()
+    said = []
+    overrides = {"val_fraction": 0, "model": "cnn1", "image_size": 16, "epochs": 1}
+    result = train(str(tmp_path / "data"), tmp_path / "no-val", overrides, events=said.append)
+    warnings = [e.text for e in said if isinstance(e, Message) and e.level == "warning"]
+    assert any("no validation images after the split" in text for text in warnings), warnings
+    assert result.status == "finished" and json.loads((tmp_path / "no-val" / "metrics.json").read_text())["n"] > 0
+
+
+def test_a_second_training_into_a_folder_being_trained_refuses_at_once(digits_dir, tmp_path):
+    """BAD_INPUTS case 56: while another process trains into --out (its lock held), a new
+    training there is refused at once, saying why and what to do."""
+    import time
+
+    from imgclf.core.rundir import RunDir
+
+    for label in ("3", "7"):
+        _class(digits_dir, tmp_path / "data" / label, label, 20)
+    with RunDir(tmp_path / "busy").lock():
+        started = time.perf_counter()
+        with pytest.raises(TrainError, match="being trained by another process; wait for it to end, or train into"):
+            train(str(tmp_path / "data"), tmp_path / "busy", {"model": "cnn1", "epochs": 1})
+        assert time.perf_counter() - started < 5

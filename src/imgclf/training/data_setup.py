@@ -70,6 +70,23 @@ def validate_for_training(samples: list[Sample], problems: list[dict] = ()) -> l
     return sorted(counts)
 
 
+def _check_held_out(samples: list[Sample], events: Events) -> None:
+    """Before any training: a run with no test image could never say how good it is (refused); one
+    with no validation image trains, choosing its best epoch by training loss (said)."""
+    splits = Counter(s.split for s in samples)
+    if not splits.get("test"):
+        raise DataError(
+            "no test images after the split (test_fraction is 0 and the data names no test split), so the "
+            "model could not be measured; set --test-fraction (e.g. 0.1) or add a test split"
+        )
+    if not splits.get("val"):
+        warn(
+            events,
+            "no validation images after the split: the best epoch is chosen by training loss and no confidence "
+            "threshold is calibrated; set --val-fraction (e.g. 0.1) for both",
+        )
+
+
 def prepare_data(
     source: str, settings: Settings, run: RunDir, ranks: Distributed, events: Events, stop: StopToken
 ) -> RunData:
@@ -89,6 +106,7 @@ def prepare_data(
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
     samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
     classes = validate_for_training(samples, report.problems)
+    _check_held_out(samples, events if ranks.is_main else (lambda event: None))
     if ranks.is_main:
         write_split_csv(samples, run / RunDir.SPLIT)
         info(events, summary_line(report))

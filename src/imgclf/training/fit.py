@@ -73,7 +73,9 @@ def train(
     ranks = init_distributed()
     events = channel(events) if ranks.is_main else ignore  # the one guard: only rank 0 reports
     run = RunDir(out)
-    holder = run.lock() if ranks.is_main else contextlib.nullcontext()  # one training per run folder
+    # one training per run folder: a new one refuses at once, a resumed one waits a while for a
+    # stopping one to write its last checkpoint (the service's next attempt after a kill)
+    holder = run.lock(120.0 if resume else 0.0) if ranks.is_main else contextlib.nullcontext()
     try:
         with holder:
             return _train(source, run, settings, events, stop_token(stop).child(), resume, started, ranks)
