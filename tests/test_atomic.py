@@ -40,3 +40,26 @@ def test_feature_cache_round_trips_in_one_file(tmp_path, monkeypatch):
     again = FeatureStore("m", "w", prep, 0)
     assert set(again.vectors) == {"aa", "bb"} and torch.equal(again.vectors["aa"], torch.ones(4, dtype=torch.float16))
     assert [p.suffix for p in store.path.parent.iterdir()] == [".safetensors"]
+
+
+def test_temp_files_left_by_a_killed_write_are_removed_by_the_next_training(tmp_path):
+    """BAD_INPUTS case 57: a write cut by SIGKILL leaves ``NAME….tmp``; the next training to hold
+    the run folder removes it (only old ones: a write in progress beside it keeps its own)."""
+    import os
+    import time
+
+    from imgclf.core.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.make()
+    old = [run.path / "checkpoint.safetensorsab12.tmp", run.path / "onnx" / "model.onnxcd34.tmp"]
+    old[1].parent.mkdir()
+    fresh = run.path / "metrics.jsonef56.tmp"
+    for path in (*old, fresh):
+        path.write_bytes(b"half")
+    for path in old:
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    (run.path / "run.json").write_text("{}")
+    with run.lock():
+        pass
+    assert not any(path.exists() for path in old) and fresh.exists() and (run.path / "run.json").exists()

@@ -108,10 +108,23 @@ class RunDir:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{self.path} is being trained by another process") from None
                     time.sleep(0.2)
+            self._remove_leftovers()
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _remove_leftovers(self, older_than_s: float = 60.0) -> None:
+        """Temporary files of writes that a kill cut short (``atomic_write``'s ``NAME….tmp``): gone
+        once the next training holds the folder. Only old ones: a report being written this
+        moment by an ``imgclf evaluate`` beside it keeps its own."""
+        now = time.time()
+        for leftover in self.path.rglob("*.tmp"):
+            try:
+                if leftover.is_file() and now - leftover.stat().st_mtime > older_than_s:
+                    leftover.unlink()
+            except OSError:
+                pass
 
     # state ----------------------------------------------------------------------------------
     @property
