@@ -77,3 +77,33 @@ def test_a_second_training_into_a_folder_being_trained_refuses_at_once(digits_di
         with pytest.raises(TrainError, match="being trained by another process; wait for it to end, or train into"):
             train(str(tmp_path / "data"), tmp_path / "busy", {"model": "cnn1", "epochs": 1})
         assert time.perf_counter() - started < 5
+
+
+def test_the_automatic_split_keeps_copies_of_a_photo_together(digits_dir, tmp_path):
+    """BAD_INPUTS case 15 after the automatic split: 30 photos each saved twice under different
+    names; split by name alone some pairs straddle train and test, but the run puts each pair in
+    one split and says so."""
+    from pathlib import Path
+
+    from imgclf.core.events import Message
+    from imgclf.data.sources import scan
+    from imgclf.data.split import assign_splits, read_split_csv
+
+    for label in ("3", "7"):
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for n, png in enumerate(sorted((digits_dir / label).glob("*.png"))[:40]):
+            shutil.copy(png, folder / f"{n}.png")
+            if n < 15:
+                shutil.copy(png, folder / f"copy-of-{n}.png")
+    pairs = lambda splits: [{splits[f"{label}/{n}.png"], splits[f"{label}/copy-of-{n}.png"]}  # noqa: E731
+                            for label in ("3", "7") for n in range(15)]  # fmt: skip
+    by_name = {s.name: s.split for s in assign_splits(scan(str(tmp_path / "data")).samples, 0.1, 0.1)}
+    assert any(len(pair) > 1 for pair in pairs(by_name)), "the test needs pairs that a name split separates"
+    said = []
+    train(
+        str(tmp_path / "data"), tmp_path / "run", {"model": "cnn1", "image_size": 16, "epochs": 1}, events=said.append
+    )
+    splits = {f"{s.label}/{Path(s.path).name}": s.split for s in read_split_csv(tmp_path / "run" / "split.csv")}
+    assert all(len(pair) == 1 for pair in pairs(splits)), "each photo and its copy in one split"
+    assert any(isinstance(e, Message) and "kept in the split of their first copy" in e.text for e in said)

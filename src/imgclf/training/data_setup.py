@@ -3,6 +3,7 @@ decode images into memory caches and build the loaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from imgclf.core.errors import DataError
-from imgclf.core.events import Events, StopToken, info, skipped, warn
+from imgclf.core.events import Events, StopToken, ignore, info, skipped, warn
 from imgclf.core.machine import available_memory_bytes
 from imgclf.core.preprocessing import Preprocessing
 from imgclf.core.rundir import RunDir
@@ -70,6 +71,31 @@ def validate_for_training(samples: list[Sample], problems: list[dict] = ()) -> l
     return sorted(counts)
 
 
+def keep_copies_together(samples: list[Sample], given: list[Sample], duplicates: list[dict], events) -> list[Sample]:
+    """Copies of one photo under one label all go to one split (the split of the copy whose name
+    sorts first), so that the automatic split never puts a photo in training and its copy in the
+    test (leakage: a flattering test score). Splits the data named itself are never moved; copies
+    those leave across splits were reported by the audit."""
+    index = {sample.ref: i for i, sample in enumerate(samples)}
+    movable = {sample.ref for sample in given if not sample.split}
+    samples, moved, groups = list(samples), 0, 0
+    for group in duplicates:
+        if group["kind"] != "within_class":
+            continue
+        members = sorted((samples[index[ref]].name, index[ref]) for ref in group["paths"] if ref in index)
+        if len({samples[i].split for _, i in members}) < 2:
+            continue
+        target = samples[members[0][1]].split
+        groups += 1
+        for _, i in members:
+            if samples[i].split != target and samples[i].ref in movable:
+                samples[i] = dataclasses.replace(samples[i], split=target)
+                moved += 1
+    if moved:
+        info(events, f"{moved} copies of {groups} photo(s) kept in the split of their first copy (no leakage)")
+    return samples
+
+
 def _check_held_out(samples: list[Sample], events: Events) -> None:
     """Before any training: a run with no test image could never say how good it is (refused); one
     with no validation image trains, choosing its best epoch by training loss (said)."""
@@ -104,9 +130,10 @@ def prepare_data(
                 str(run / RunDir.AUDIT),
             )
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
+    samples = keep_copies_together(samples, report.usable, report.duplicates, events if ranks.is_main else ignore)
     samples = limit_per_class(samples, settings.data.per_class, settings.train.seed)
     classes = validate_for_training(samples, report.problems)
-    _check_held_out(samples, events if ranks.is_main else (lambda event: None))
+    _check_held_out(samples, events if ranks.is_main else ignore)
     if ranks.is_main:
         write_split_csv(samples, run / RunDir.SPLIT)
         info(events, summary_line(report))
