@@ -199,3 +199,25 @@ def test_extreme_aspect_ratios_are_predicted_at_prediction(digits_run, tmp_path)
     proba = clf.predict_proba([str(tmp_path / "dot.png"), str(tmp_path / "strip.png")])
     assert proba.shape == (2, 10) and np.allclose(proba.sum(axis=1), 1, atol=1e-4)
     assert time.perf_counter() - started < 10
+
+
+def test_evaluate_on_other_data_reports_the_photos_it_was_trained_on(digits_run, tmp_path):
+    """BAD_INPUTS case 59: other data holding copies of training photos (under new names) is
+    evaluated, and the overlap is said and recorded in metrics.json."""
+    from imgclf.data.split import read_split_csv
+
+    samples = read_split_csv(digits_run / "split.csv")
+    for label in ("3", "5"):
+        folder = tmp_path / "other" / label
+        folder.mkdir(parents=True)
+        trained = [s for s in samples if s.label == label and s.split == "train"][:4]
+        unseen = [s for s in samples if s.label == label and s.split == "test"][:3]
+        for n, sample in enumerate(trained):
+            shutil.copy(sample.path, folder / f"renamed-{n}.png")
+        for n, sample in enumerate(unseen):
+            shutil.copy(sample.path, folder / f"new-{n}.png")
+    said = []
+    metrics = imgclf.evaluate(digits_run, tmp_path / "report", data=tmp_path / "other", events=said.append)
+    assert metrics["n"] == 14 and metrics["overlap_with_training"] == 8
+    assert all("renamed-" in path for path in metrics["overlap_examples"])
+    assert any("8 of the 14 images were used in training" in getattr(e, "text", "") for e in said)

@@ -16,6 +16,7 @@ from imgclf.core.meta import separator, update_meta
 from imgclf.core.numeric import softmax
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import Settings
+from imgclf.data.audit import content_hashes
 from imgclf.data.dataset import open_for, prefetch_batches
 from imgclf.data.images import ImageError
 from imgclf.data.sources import Sample, scan
@@ -35,15 +36,34 @@ def load_for_evaluation(run_dir: Path, settings: Settings) -> Classifier:
     return load_torch(run_dir, s.device, s.precision, settings.predict.predict_batch_size, s.max_pixels)
 
 
-def samples_to_evaluate(run_dir: Path, data: str | None) -> tuple[list[Sample], str]:
+def samples_to_evaluate(run_dir: Path, data: str | None, allow_outside: bool = False) -> tuple[list[Sample], str]:
     """The run's own test split (val when it has none), or the test split / all of ``data``."""
     if data is None:
         samples = read_split_csv(run_dir / RunDir.SPLIT)
         test = [s for s in samples if s.split == "test"]
         return (test, "test") if test else ([s for s in samples if s.split == "val"], "val")
-    scanned = scan(data).samples
+    scanned = scan(data, allow_outside).samples
     test = [s for s in scanned if s.split == "test"]
     return (test, "test") if test else (scanned, "all")
+
+
+def overlap_with_training(run_dir: Path, samples: list[Sample], data: str, settings: Settings, events, stop) -> dict:
+    """Which of the other data's photos the model was trained on (the same bytes, whatever their
+    names): a test on them flatters it. Hashes come from the audit cache where the files were
+    audited before; training photos no longer at hand are left out of the comparison."""
+    trained = [s for s in read_split_csv(run_dir / RunDir.SPLIT) if s.split in ("train", "val")]
+    root = str(RunDir(run_dir).read_run().get("data") or run_dir)
+    max_pixels = settings.system.max_pixels
+    seen = set(content_hashes(trained, settings.data, root, max_pixels, stop)) - {""}
+    hashes = content_hashes(samples, settings.data, data, max_pixels, stop)
+    shared = [s.ref for s, h in zip(samples, hashes) if h and h in seen]
+    if shared:
+        warn(
+            events,
+            f"{len(shared)} of the {len(samples)} images were used in training (the same photos): their "
+            f"scores flatter the model; first: {shared[0]}",
+        )
+    return {"overlap_with_training": len(shared), "overlap_examples": shared[:20]}
 
 
 def sample_logits(
@@ -170,7 +190,7 @@ def evaluate(
     pictures, report.md and report.html into ``out`` (the run folder by default)."""
     run_dir, events, stop = Path(run_dir), channel(events), stop_token(stop)
     clf = load_for_evaluation(run_dir, settings or Settings())
-    samples, split = samples_to_evaluate(run_dir, data)
+    samples, split = samples_to_evaluate(run_dir, data, (settings or Settings()).data.allow_outside)
     known = set(clf.classes_.tolist())
     unknown = [s for s in samples if s.label not in known]
     samples = [s for s in samples if s.label in known]
@@ -188,6 +208,9 @@ def evaluate(
         "skipped": [{"path": f.path, "reason": f.reason} for f in failures],
         "unknown_labels": len(unknown),
     }
+    if data:
+        kept_samples = [samples[i] for i in kept]
+        extra.update(overlap_with_training(run_dir, kept_samples, str(data), settings or Settings(), events, stop))
     return report_from_logits(run_dir, clf.meta, logits, [samples[i] for i in kept], extra, events, out)
 
 
