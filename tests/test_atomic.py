@@ -63,3 +63,38 @@ def test_temp_files_left_by_a_killed_write_are_removed_by_the_next_training(tmp_
     with run.lock():
         pass
     assert not any(path.exists() for path in old) and fresh.exists() and (run.path / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_is_one_line_and_the_earlier_files_are_whole(digits_dir, tmp_path):
+    """BAD_INPUTS case 22, for real: the training's files may not grow past 60 kB (RLIMIT_FSIZE,
+    the kernel's EFBIG, as a full disk's ENOSPC), so the model's weights cannot be written. The
+    run ends with one line naming the file and what to do, exit status 2, and the files written
+    before it (settings, split) are whole."""
+    import json
+    import resource
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    for label in ("3", "7"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for png in sorted((digits_dir / label).glob("*.png"))[:30]:
+            shutil.copy(png, tmp_path / "data" / label / png.name)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "imgclf.cli", "train", str(tmp_path / "data"), "--out", str(run)]
+    command += ["--model", "cnn3", "--image-size", "16", "--epochs", "1"]
+    env = {**__import__("os").environ, "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=small_files, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("imgclf: error")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(lines) == 1 and "cannot write it (File too large); the file there before is whole" in lines[0]
+    assert "free some disk space" in lines[0]
+    assert json.loads((run / "settings.json").read_text()) and (run / "split.csv").read_text().count("\n") > 40
+    assert not list(run.rglob("*.tmp")), "no half-written file left"

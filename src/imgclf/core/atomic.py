@@ -3,10 +3,14 @@ PyTorch so that torch-free modules can use it too."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from imgclf.core.errors import OutputError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -21,6 +25,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(handle.name, "rb") as written:
             os.fsync(written.fileno())
         os.replace(handle.name, path)
+    except OutputError:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        Path(handle.name).unlink(missing_ok=True)
+        code = _os_error_code(exc)
+        if code is None:
+            raise
+        full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        todo = "free some disk space and run again (a training continues with --resume)" if full else "check the folder"
+        reason = os.strerror(code)
+        raise OutputError(f"{path}: cannot write it ({reason}); the file there before is whole; {todo}") from exc
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -30,3 +46,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.close(directory)
     except OSError:
         pass
+
+
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's own, or the one a Rust library (safetensors)
+    puts in its message as "(os error N)"."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
