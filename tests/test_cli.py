@@ -208,6 +208,14 @@ USER_ERRORS = {
         lambda d, r, t: ["worker", "--home", str(t / "h"), "--db", "postgresql://imgclf@127.0.0.1:9/none"],
         "postgresql://imgclf@127.0.0.1:9/none: cannot connect",
     ),
+    "an --out that cannot be made": (
+        lambda d, r, t: ["train", str(d), "--out", "/sys/imgclf-run", "--model", "cnn1"],
+        "/sys/imgclf-run: cannot create the run folder (Operation not permitted); choose another --out",
+    ),
+    "an --out that cannot be written in": (
+        lambda d, r, t: ["train", str(d), "--out", "/sys/kernel", "--model", "cnn1"],
+        "/sys/kernel: cannot write in the run folder",
+    ),
     "a CSV that is not text": (
         lambda d, r, t: ["check", str(_write_bytes(t / "m.csv", b"x.png,\x81\x8d\x90\n"))],
         "neither UTF-8 nor Windows-1252",

@@ -98,7 +98,13 @@ class RunDir:
         ``wait_s`` for the first to end (a stopped run finishing its last step), then gives up
         with TimeoutError. Released when the process ends, however it ends."""
         self.make()
-        with open(self.path / ".lock", "w") as handle:
+        try:
+            handle = open(self.path / ".lock", "w")
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: cannot write in the run folder ({exc.strerror or exc}); choose another --out"
+            ) from None
+        with handle:
             deadline = time.monotonic() + wait_s
             while True:
                 try:
