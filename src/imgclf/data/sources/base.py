@@ -9,12 +9,15 @@ reports go through :mod:`imgclf.data.sources` and never ask which source they re
 from __future__ import annotations
 
 import os
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from PIL import Image
 
+from imgclf.core.errors import DataError
 from imgclf.core.meta import LEVEL_SEP
 from imgclf.data.images import decode_image_bytes, read_file
 
@@ -28,7 +31,16 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 
-__all__ = ["LEVEL_SEP", "SPLIT_NAMES", "Sample", "ScanResult", "Reader", "FileReader", "Source"]
+__all__ = [
+    "LEVEL_SEP",
+    "SPLIT_NAMES",
+    "Sample",
+    "ScanResult",
+    "Reader",
+    "FileReader",
+    "Source",
+    "refuse_case_collisions",
+]
 
 
 @dataclass(frozen=True)
@@ -118,3 +130,28 @@ class Source:
     @classmethod
     def scan(cls, path: Path) -> ScanResult:
         raise NotImplementedError
+
+
+def refuse_case_collisions(labels: Iterable[tuple[str, str]], source: str) -> None:
+    """Raise DataError when two labels, or two of their hierarchy levels (``Men > Shoes`` and
+    ``men > Boots``), differ only in case, as ``imgclf fetch`` does: they would be one folder on
+    macOS and Windows, and one class to whoever reads the results. ``labels`` is ``(label,
+    where)`` pairs, ``where`` saying where a person finds it (``line 4``, a folder)."""
+    seen: dict[str, tuple[str, str]] = {}  # folded level path -> (level path, where it was first seen)
+    done: set[str] = set()
+    for label, where in labels:
+        if label in done:  # a CSV repeats its labels on every row: check each once
+            continue
+        done.add(label)
+        levels = label.split(LEVEL_SEP)
+        for depth in range(1, len(levels) + 1):
+            level = LEVEL_SEP.join(levels[:depth])
+            here = where if depth == len(levels) else f"{where}, in {label!r}"
+            # NFC as well as case: "é" typed two ways is one name on macOS too
+            key = unicodedata.normalize("NFC", level).casefold()
+            other, there = seen.setdefault(key, (level, here))
+            if other != level:
+                raise DataError(
+                    f"{source}: labels {other!r} and {level!r} differ only in case ({there}; {here}): they would "
+                    "be one folder on macOS and Windows; rename one of them"
+                )

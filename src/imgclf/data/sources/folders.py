@@ -1,6 +1,8 @@
 """Class folders (``root/<class>/*.jpg``; nested folders are hierarchical labels:
 ``root/Men/Shoes/Sneakers/x.jpg`` is ``Men > Shoes > Sneakers``, leaf folders are the classes)
-and split folders (``root/{train,val|valid|validation,test}/<class>/``)."""
+and split folders (``root/{train,val|valid|validation,test}/<class>/``). Folders whose labels
+differ only in case (``Cat``, ``cat``), or one named ``A > B`` beside nested ``A/B`` (one label
+from two folders), are an error: which was meant is not for imgclf to guess."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from imgclf.core.errors import DataError
 from imgclf.data.fetch.labels import RESERVED_FOLDERS
 from imgclf.data.images import is_image_name
-from imgclf.data.sources.base import LEVEL_SEP, SPLIT_NAMES, Sample, ScanResult, Source
+from imgclf.data.sources.base import LEVEL_SEP, SPLIT_NAMES, Sample, ScanResult, Source, refuse_case_collisions
 
 REJECTED = RESERVED_FOLDERS[0]
 
@@ -47,6 +49,7 @@ def scan_class_folders(root: Path, split: str | None = None, rel_prefix: str = "
     dirs_with_images = {Path(p).parent.relative_to(root) for p in files}
     parents = {parent for d in dirs_with_images for parent in d.parents}
     samples = []
+    folders: dict[str, Path] = {}  # label -> the class folder it came from
     for path in files:
         relative_dir = path.parent.relative_to(root)
         rel = (Path(rel_prefix) / path.relative_to(root)).as_posix()
@@ -55,8 +58,37 @@ def scan_class_folders(root: Path, split: str | None = None, rel_prefix: str = "
         elif relative_dir in parents:
             skipped.append({"path": str(path), "reason": "image in a folder that has class sub-folders"})
         else:
-            samples.append(Sample(str(path), LEVEL_SEP.join(relative_dir.parts), split, rel))
+            label = _folder_label(root, relative_dir, folders)
+            samples.append(Sample(str(path), label, split, rel))
     return ScanResult(str(root), FoldersSource.kind, samples, skipped, ignored)
+
+
+def _folder_label(root: Path, relative_dir: Path, folders: dict[str, Path]) -> str:
+    """The label of a class folder: its folder names joined by the level separator. A folder
+    named ``A > B`` gives what nested ``A/B`` gives, so both present is one label from two
+    folders, and a name with an empty level (``A > ``) no label a CSV could give: both refused."""
+    label = LEVEL_SEP.join(relative_dir.parts)
+    if any(not level.strip() for level in label.split(LEVEL_SEP)):
+        raise DataError(
+            f"{root / relative_dir}: a folder name with an empty hierarchy level ('{LEVEL_SEP}' separates "
+            "levels); rename the folder"
+        )
+    other = folders.setdefault(label, relative_dir)
+    if other != relative_dir:
+        raise DataError(
+            f"{root}: folders '{other.as_posix()}' and '{relative_dir.as_posix()}' both give the label {label!r} "
+            f"('{LEVEL_SEP}' in a folder name separates hierarchy levels); merge them or rename one"
+        )
+    return label
+
+
+def _refuse_case_collisions(result: ScanResult) -> ScanResult:
+    class_folders: dict[str, str] = {}  # label -> its (first) folder, to name it in the error
+    for sample in result.samples:
+        if sample.label not in class_folders:
+            class_folders[sample.label] = str(Path(sample.path).parent)
+    refuse_case_collisions(class_folders.items(), result.root)
+    return result
 
 
 def split_folders(root: Path) -> dict[str, Path]:
@@ -82,7 +114,7 @@ class FoldersSource(Source):
 
     @classmethod
     def scan(cls, path: Path) -> ScanResult:
-        return scan_class_folders(path)
+        return _refuse_case_collisions(scan_class_folders(path))
 
 
 class SplitFoldersSource(Source):
@@ -100,4 +132,4 @@ class SplitFoldersSource(Source):
             result.samples += part.samples
             result.skipped += part.skipped
             result.ignored_files += part.ignored_files
-        return result
+        return _refuse_case_collisions(result)  # across splits too: train/Cat and val/cat

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import re
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +72,34 @@ _IMAGES_RE = re.compile(r"^(?P<prefix>.+?)[-_.]images[-_.]idx3[-_.]ubyte(\.gz)?$
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# The most an IDX file may hold once decompressed. The largest IDX data sets (EMNIST ByClass's
+# training images, 0.55 GB) fit with room; a header declaring more is refused before any of the
+# data is read, as a file that size would not fit in memory next to its decoded copies anyway.
+MAX_IDX_BYTES = 2 << 30
+_CHUNK = 1 << 20
+# A data set's classes: more than any labelled data set has, few enough to name them all.
+MAX_CLASSES = 1 << 16
+
+
 def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _read_upto(handle, limit: int) -> bytearray:
+    """At most ``limit`` bytes, read (and decompressed) a chunk at a time: a gzip bomb is never
+    inflated past what its header promised."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = handle.read(min(_CHUNK, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def read_idx(path: str) -> np.ndarray:
-    """Parse one IDX file (gzip or raw) into an array, checking the header against the size.
-    Cached per (path, size, mtime): a file replaced on disk is read again."""
+    """Parse one IDX file (gzip or raw) into a read-only array, checking the header against the
+    size. Cached per (path, size, mtime): a file replaced on disk is read again."""
     try:
         stat = Path(path).stat()
     except OSError as exc:
@@ -88,21 +111,33 @@ def read_idx(path: str) -> np.ndarray:
 def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     try:
         with _open(Path(path)) as handle:
-            data = handle.read()
-    except (OSError, EOFError) as exc:
+            magic = _read_upto(handle, 4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _DTYPES:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            dims = _read_upto(handle, 4 * magic[3])
+            if len(dims) < 4 * magic[3]:
+                raise DataError(f"{path}: IDX header is truncated")
+            shape = struct.unpack(f">{magic[3]}I", dims)
+            dtype = np.dtype(_DTYPES[magic[2]])
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: a forged header cannot overflow it
+            if expected > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{path}: IDX header says {shape} {dtype.name} values, {expected} bytes, over the "
+                    f"{MAX_IDX_BYTES} imgclf reads; not read (a corrupt file or a gzip bomb)"
+                )
+            data = _read_upto(handle, expected + 1)  # one byte more tells a longer file from a right one
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dims = data[3]
-    header = 4 + 4 * dims
-    if len(data) < header:
-        raise DataError(f"{path}: IDX header is truncated")
-    shape = struct.unpack(f">{dims}I", data[4:header])
-    dtype = np.dtype(_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataError(f"{path}: IDX data is {len(data) - header} bytes, header says {expected}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    if len(data) > expected:
+        raise DataError(
+            f"{path}: IDX data is more than {expected} bytes, header says {expected}; not read further "
+            "(a corrupt file or a gzip bomb)"
+        )
+    if len(data) != expected:
+        raise DataError(f"{path}: IDX data is {len(data)} bytes, header says {expected}")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    array.flags.writeable = False  # shared by every caller through the cache
+    return array
 
 
 def find_idx_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
@@ -125,12 +160,13 @@ def find_idx_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def class_names(root: Path, n_classes: int) -> list[str]:
+def class_names(root: Path, n_classes: int, largest: str = "") -> list[str]:
+    """The names of classes ``0..n_classes-1``; ``largest`` says where the largest label is, for the error."""
     names_file = root / "classes.txt"
     if names_file.exists():
         names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(names) < n_classes:
-            raise DataError(f"{names_file}: {len(names)} names for {n_classes} classes")
+            raise DataError(f"{names_file}: {len(names)} names for {n_classes} classes{largest}; add the missing names")
         return names
     if n_classes <= 10 and "fashion" in root.name.lower():
         return list(FASHION_MNIST_CLASSES)
@@ -141,18 +177,43 @@ def _split_of(prefix: str) -> str:
     return "test" if prefix.lower().startswith(("t10k", "test")) else "train"
 
 
+def _check_pair(images: Path, labels: Path, image_array: np.ndarray, label_array: np.ndarray) -> None:
+    """Refuse what would be read wrong: images other than 8-bit greyscale (their bytes would be
+    decoded as 8-bit pixels), labels that are not whole numbers or not class indices."""
+    if image_array.ndim != 3 or label_array.ndim != 1 or len(image_array) != len(label_array):
+        raise DataError(f"{images}: {image_array.shape} images do not match {label_array.shape} labels")
+    if image_array.dtype != np.uint8:
+        raise DataError(
+            f"{images}: IDX images are {image_array.dtype.name}; imgclf reads 8-bit (uint8, 0..255) greyscale "
+            "IDX images only: convert them to uint8"
+        )
+    if label_array.dtype.kind not in "iu":
+        raise DataError(
+            f"{labels}: IDX labels are {label_array.dtype.name}; labels must be integer class indices "
+            "(uint8, int8, int16 or int32)"
+        )
+    bad = np.flatnonzero((label_array < 0) | (label_array >= MAX_CLASSES))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{labels}: label {int(label_array[i])} at index {i} is not a class index (0..{MAX_CLASSES - 1}); "
+            f"{len(bad)} labels are out of range: fix the labels file"
+        )
+
+
 def scan_idx(root: Path) -> ScanResult:
     samples = []
     pairs = find_idx_pairs(root)
-    max_label = 0
+    max_label, largest = 0, ""
     label_arrays = {}
     for prefix, (images, labels) in pairs.items():
         image_array, label_array = read_idx(str(images)), read_idx(str(labels))
-        if image_array.ndim != 3 or label_array.ndim != 1 or len(image_array) != len(label_array):
-            raise DataError(f"{images}: {image_array.shape} images do not match {label_array.shape} labels")
+        _check_pair(images, labels, image_array, label_array)
         label_arrays[prefix] = label_array
-        max_label = max(max_label, int(label_array.max()) if len(label_array) else 0)
-    names = class_names(root, max_label + 1)
+        if len(label_array) and int(label_array.max()) >= max_label:
+            max_label = int(label_array.max())
+            largest = f" (label {max_label} at index {int(label_array.argmax())} of {labels.name})"
+    names = class_names(root, max_label + 1, largest)  # a label past classes.txt's names is refused there
     for prefix, (images, _) in pairs.items():
         split = _split_of(prefix)
         for i, label in enumerate(label_arrays[prefix].tolist()):
