@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from imgclf.core.events import Events, StopToken, Tracker, skipped
+from imgclf.core.events import Events, StopToken, Tracker, info, skipped
 from imgclf.core.preprocessing import Preprocessing
 from imgclf.data.images import ImageError
 from imgclf.models.device import Runtime, model_input
@@ -98,12 +98,26 @@ def train_one_epoch(
             loss=round(progress.loss_sum / max(progress.seen, 1), 4),
             images_per_s=round(progress.seen / max(progress.seconds, 1e-9), 1),
         )
-        if stop.is_set() or (max_steps and global_step + progress.step >= max_steps):
+        if _stops_here(stop, epoch, events, tracker) or (max_steps and global_step + progress.step >= max_steps):
             interrupted = True
             break
     if not interrupted:
         tracker.finish()
     return progress, interrupted
+
+
+def _stops_here(stop: StopToken, epoch: int, events: Events, tracker: Tracker) -> bool:
+    """Whether to end the epoch now. A time budget that runs out in the very first epoch lets it
+    end, so that a run stopped by its budget always keeps a model (said once); any other stop
+    (Ctrl-C, a cancel) ends it at once."""
+    if not stop.is_set():
+        return False
+    if stop.reason == "time budget" and epoch == 0:
+        if not getattr(tracker, "said_over_budget", False):
+            tracker.said_over_budget = True
+            info(events, "the time budget ran out in the first epoch; finishing it, so that the run has a model")
+        return False
+    return True
 
 
 def _optimisation_step(
