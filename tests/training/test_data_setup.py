@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_class_with_a_single_image_is_refused_by_name(digits_dir, tmp_path):
     _class(digits_dir, tmp_path / "data" / "seven", "7", 20)
     _class(digits_dir, tmp_path / "data" / "one", "1", 20)
     _class(digits_dir, tmp_path / "data" / "lonely", "3", 1)
-    (tmp_path / "data" / "empty").mkdir()  # an empty folder is not a class: ignored
+    (tmp_path / "data" / "empty").mkdir()  # an empty folder is not a class: reported, left out
     with pytest.raises(DataError, match="single usable image.*lonely"):
         train(str(tmp_path / "data"), tmp_path / "run", {"epochs": 1})
 
@@ -107,3 +108,20 @@ def test_the_automatic_split_keeps_copies_of_a_photo_together(digits_dir, tmp_pa
     splits = {f"{s.label}/{Path(s.path).name}": s.split for s in read_split_csv(tmp_path / "run" / "split.csv")}
     assert all(len(pair) == 1 for pair in pairs(splits)), "each photo and its copy in one split"
     assert any(isinstance(e, Message) and "kept in the split of their first copy" in e.text for e in said)
+
+
+def test_an_empty_class_folder_is_reported(digits_dir, tmp_path):
+    """BAD_INPUTS case 13: an empty class folder (or one with no images in it) is named in the
+    audit with the reason, and is no class."""
+    from imgclf.api import check
+
+    _class(digits_dir, tmp_path / "data" / "seven", "7", 12)
+    _class(digits_dir, tmp_path / "data" / "one", "1", 12)
+    (tmp_path / "data" / "empty").mkdir()
+    (tmp_path / "data" / "notes").mkdir()
+    (tmp_path / "data" / "notes" / "todo.txt").write_text("take photos")
+    report = check(str(tmp_path / "data"))
+    reasons = {Path(p["path"]).name: p["reason"] for p in report.problems}
+    assert reasons["empty"] == "empty class folder (no images); add photos or remove it"
+    assert reasons["notes"] == "empty class folder (no images, 1 other file(s)); add photos or remove it"
+    assert sorted({s.label for s in report.usable}) == ["one", "seven"]

@@ -33,13 +33,19 @@ def _walk_images(top: Path) -> tuple[list[Path], list[dict], int]:
         seen_dirs.add(key)
         # hidden folders, and the rejects imgclf fetch --keep-rejected keeps for a look, are no classes
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != REJECTED)
+        images = 0
         for filename in sorted(filenames):
             if filename.startswith("."):
                 continue
             if is_image_name(filename):
                 found.append(Path(dirpath) / filename)
+                images += 1
             else:
                 ignored += 1
+        if not images and not dirnames and Path(dirpath) != top:  # a class folder with nothing in it: say so
+            others = sum(not f.startswith(".") for f in filenames)
+            what = f"no images, {others} other file(s)" if others else "no images"
+            skipped.append({"path": dirpath, "reason": f"empty class folder ({what}); add photos or remove it"})
     return found, skipped, ignored
 
 
