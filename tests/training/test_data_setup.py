@@ -125,3 +125,25 @@ def test_an_empty_class_folder_is_reported(digits_dir, tmp_path):
     assert reasons["empty"] == "empty class folder (no images); add photos or remove it"
     assert reasons["notes"] == "empty class folder (no images, 1 other file(s)); add photos or remove it"
     assert sorted({s.label for s in report.usable}) == ["one", "seven"]
+
+
+def test_running_out_of_memory_says_which_batch_size_to_try(digits_dir, tmp_path, monkeypatch):
+    """BAD_INPUTS case 23: the CPU allocator's failure (a plain RuntimeError from PyTorch, here
+    injected into the first optimisation step) ends the run with a message suggesting half the
+    batch size and how to resume, not a traceback."""
+    import imgclf.training.loop as loop
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    for label in ("3", "7"):
+        _class(digits_dir, tmp_path / "data" / label, label, 20)
+    monkeypatch.setattr(loop, "_optimisation_step", allocation_fails)
+    with pytest.raises(TrainError) as raised:
+        train(str(tmp_path / "data"), tmp_path / "run", {"model": "cnn1", "image_size": 16, "batch_size": 32})
+    message = str(raised.value)
+    assert message.startswith("out of memory (") and "can't allocate memory" in message
+    assert "try --batch-size 16" in message and "imgclf train --resume" in message

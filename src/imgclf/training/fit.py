@@ -81,6 +81,30 @@ def train(
             return _train(source, run, settings, events, stop_token(stop).child(), resume, started, ranks)
     except TimeoutError as exc:
         raise TrainError(f"{exc}; wait for it to end, or train into another --out") from None
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(exc):
+            raise
+        saved = RunDir(out).read_json(RunDir.SETTINGS, {}).get("train", {}) if resume else {}
+        batch = saved.get("batch_size", 0) if resume else as_settings(settings).train.batch_size
+        smaller = f"try --batch-size {max(1, batch // 2)}" if batch else "try a smaller --batch-size"
+        raise TrainError(
+            f"out of memory ({_first_line(exc)}); {smaller}, a smaller --image-size, or close other programs; "
+            f"a run that had started continues with: imgclf train --resume {out}"
+        ) from None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation, on a GPU (torch.OutOfMemoryError) or in the CPU's memory (PyTorch's
+    allocator raises a plain RuntimeError; Python a MemoryError), anywhere in a run: feature
+    extraction, planning and evaluation as well as the epochs."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
 
 
 def _train(
