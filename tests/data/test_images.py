@@ -664,3 +664,36 @@ def test_very_long_and_unicode_names_load(tmp_path, photos):
     assert 240 < len(name.encode()) <= 255
     shutil.copy(photos[0], tmp_path / name)
     assert load_image(tmp_path / name).mode == "RGB"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fuzz_larger_files_are_bounded_in_time_and_leak_no_file_handle(tmp_path, clothing):
+    """BAD_INPUTS case 12 with real photos of some size: 300 mutations of clothing photos (byte
+    flips, cuts, repeated chunks, up to a few hundred kB) read from files through load_image:
+    only ImageError, each in well under two seconds, and no file descriptor left open."""
+    import os
+
+    rng = random.Random(12)
+    photos = [p.read_bytes() for p in sorted((clothing / "train" / "shoes").glob("*.jpg"))[:6]]
+    photos += [p.read_bytes() for p in sorted((clothing / "train" / "hat").glob("*.jpg"))[:6]]
+    open_before = len(os.listdir("/proc/self/fd"))
+    slowest = 0.0
+    for case in range(300):
+        data = bytearray(rng.choice(photos))
+        for _ in range(rng.randrange(1, 40)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if case % 4 == 1:
+            data = data[: rng.randrange(1, len(data))]
+        elif case % 4 == 2:
+            start = rng.randrange(len(data))
+            data = data[:start] + data[start : start + 4096] * rng.randrange(2, 40) + data[start:]
+        path = tmp_path / f"{case}.jpg"
+        path.write_bytes(bytes(data))
+        started = time.perf_counter()
+        try:
+            assert load_image(path, draft_size=rng.choice([None, 64])).mode == "RGB"
+        except ImageError as exc:
+            assert exc.reason and exc.path == str(path)
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 2.0, f"one mutated photo took {slowest:.2f} s"
+    assert len(os.listdir("/proc/self/fd")) <= open_before, "a file handle was left open"

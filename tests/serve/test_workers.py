@@ -133,3 +133,19 @@ def test_readyz_says_when_the_worker_it_runs_is_not_heard_from(tmp_path, postgre
         heard = client.get("/readyz")
     assert silent.status_code == 503 and silent.json()["error"]["code"] == "no_worker"
     assert heard.status_code == 200 and (heard.json()["workers"], heard.json()["training"]) == (1, 1)
+
+
+def test_train_threads_reach_the_training_command(tmp_path, monkeypatch):
+    """imgclf serve --train-threads N: the worker it runs trains with --threads N (cores left to
+    the predictions); without it, PyTorch's own choice."""
+    from imgclf.serve import worker
+    from imgclf.serve.store import Home, Store
+
+    store = Store(Home(tmp_path / "home"))
+    job, _ = store.add_job("m1", {"epochs": 1}, None)
+    store.home.job_dir(job["id"]).mkdir(parents=True)
+    monkeypatch.setenv(worker.TRAIN_THREADS_ENV, "1")
+    command = worker._command(store, job, tmp_path / "run")
+    assert command[command.index("--threads") + 1] == "1"
+    monkeypatch.delenv(worker.TRAIN_THREADS_ENV)
+    assert "--threads" not in worker._command(store, job, tmp_path / "run")

@@ -111,6 +111,28 @@ def test_sigterm_stops_after_a_step_with_checkpoint_and_resumes_exactly(manifest
 
 
 @pytest.mark.slow
+def test_ctrl_c_to_the_whole_process_group_stops_with_a_checkpoint_and_resumes_exactly(
+    manifest, reference_run, tmp_path
+):
+    """BAD_INPUTS case 20 as a terminal does it: SIGINT to the process group, so that any data
+    loading workers get it too. The run stops after its step (exit 3) and resumes exactly."""
+    import os
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        _train_cmd(manifest, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for_epochs(out, process, epochs=1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3 and "Traceback" not in stderr, stderr[-2000:]
+    assert "SIGINT received" in stderr and json.loads((out / "run.json").read_text())["status"] == "stopped"
+    resumed = subprocess.run(_resume_cmd(out), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_weights(reference_run / "model.safetensors", out / "model.safetensors")
+
+
+@pytest.mark.slow
 def test_stop_mid_epoch_by_step_limit_resumes_exactly(manifest, reference_run, tmp_path):
     """max_steps stops inside an epoch (step 13 of 25): the checkpoint carries the epoch's position."""
     out = tmp_path / "limited"
@@ -231,3 +253,19 @@ def test_resume_changes_only_system_settings_and_names_the_rest(manifest, tmp_pa
     assert "ignored: epochs, lr, max_steps" in resumed.stderr
     saved = json.loads((out / "settings.json").read_text())
     assert saved["train"]["epochs"] == 10 and saved["system"]["threads"] == 2  # how the run went on
+
+
+def test_a_head_on_features_that_are_not_finite_is_refused_with_the_reason():
+    """BAD_INPUTS case 21 in head mode: NaN features (a damaged backbone) end the run before a
+    head is fitted on them and saved as the model."""
+    import torch
+
+    from imgclf.core.errors import TrainError
+    from imgclf.training.head import fit_head
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=generator), torch.arange(40) % 2
+    assert fit_head(x, y, x[:10], y[:10], 2).val_top1 >= 0  # finite features fit
+    x[3, 5] = float("nan")
+    with pytest.raises(TrainError, match="1 of 40 training feature vectors are not finite.*--precision fp32"):
+        fit_head(x, y, x[:2] * 0, y[:2], 2)

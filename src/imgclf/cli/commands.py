@@ -100,7 +100,7 @@ def serve(args: argparse.Namespace, ctx: Context) -> int:
         render.error_line(f"serve: unknown action '{' '.join(args.action)}' (expected: keys create)")
         return 2
     limits = service.Limits(url_uploads=args.allow_url_uploads, url_allow_hosts=tuple(args.url_allow_hosts))
-    service.run_service(args.home, args.host, args.port, not args.no_worker, limits, args.db)
+    service.run_service(args.home, args.host, args.port, not args.no_worker, limits, args.db, args.train_threads)
     return 0
 
 

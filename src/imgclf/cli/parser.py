@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="keys create: a note of what the key is for")
     _database_argument(p)
     p.add_argument(
+        "--train-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="threads for the trainings of the worker it runs (default: all; fewer leave cores to predictions)",
+    )
+    p.add_argument(
         "--no-worker",
         action="store_true",
         help="answer HTTP only; trainings run on 'imgclf worker' machines sharing --db and --home",

@@ -7,6 +7,7 @@ otherwise, and refuses another address while no API key exists."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 import threading
@@ -40,6 +41,7 @@ def run_service(
     worker: bool = True,
     limits: Limits | None = None,
     database: str | None = None,
+    train_threads: int = 0,
 ) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn in this process, the worker beside it (unless
     ``worker`` is False: an API machine whose trainings run on ``imgclf worker`` machines). On
@@ -57,7 +59,7 @@ def run_service(
             f"--host {host}: refusing to listen beyond this machine while no API key exists; "
             f"make one first: imgclf serve keys create --home {home.path} --scope admin"
         )
-    supervisor = _Supervisor(home, database) if worker else None
+    supervisor = _Supervisor(home, database, train_threads) if worker else None
     app = create_app(home.path, limits, database)
     app.state.expects_worker = worker
     config = uvicorn.Config(
@@ -74,15 +76,18 @@ class _Supervisor:
     """Keeps one worker process running beside the app: a worker that dies (a crash, kill -9) is
     started again, and the new one takes back the job the dead one held."""
 
-    def __init__(self, home: Home, database: str | None):
+    def __init__(self, home: Home, database: str | None, train_threads: int = 0):
         self.home, self.database, self.stopping = home, database, threading.Event()
+        self.env = {**os.environ, "IMGCLF_TRAIN_THREADS": str(train_threads)} if train_threads else None
         self.child = self._start()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
     def _start(self) -> subprocess.Popen:
         database = [self.database] if self.database else []
-        return subprocess.Popen([sys.executable, "-m", "imgclf.serve.worker", str(self.home.path), *database])
+        return subprocess.Popen(
+            [sys.executable, "-m", "imgclf.serve.worker", str(self.home.path), *database], env=self.env
+        )
 
     def _watch(self) -> None:
         while not self.stopping.wait(1.0):

@@ -28,6 +28,7 @@ from imgclf.serve.database import DatabaseError
 from imgclf.serve.store import LEASE_S, Home, Store
 
 POLL_S = 0.5
+TRAIN_THREADS_ENV = "IMGCLF_TRAIN_THREADS"  # set by imgclf serve --train-threads for the worker it runs
 STOPPED, USER_ERROR = 3, 2  # exit statuses of imgclf train (imgclf.cli)
 
 
@@ -75,6 +76,9 @@ def _version(store: Store, job: dict) -> int:
 def _command(store: Store, job: dict, run_dir: Path) -> list[str]:
     folder = store.home.job_dir(job["id"])
     events = ["--events", str(folder / "events.jsonl")]
+    threads = os.environ.get(TRAIN_THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:  # imgclf serve --train-threads: cores left to predictions
+        events += ["--threads", threads]
     if RunDir(run_dir).is_run:
         return [sys.executable, "-m", "imgclf.cli", "train", "--resume", str(run_dir), *events]
     config = folder / "settings.json"

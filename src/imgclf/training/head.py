@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from imgclf.core.errors import TrainError
 from imgclf.models.heads import make_head
 
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -114,7 +115,16 @@ def fit_head(
     label_smoothing: float = 0.1,
     seed: int = 0,
 ) -> HeadFit:
-    """Fit a head on features; the L2 strength (linear) or stopping step (MLP) is chosen on val."""
+    """Fit a head on features; the L2 strength (linear) or stopping step (MLP) is chosen on val.
+    Features or a fit that are not finite (NaN, inf) end the run with the reason: a head fitted
+    on them would be saved as the model and answer nonsense."""
+    for name, features in (("training", train_x), ("validation", val_x)):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum()) if len(features) else 0
+        if bad:
+            raise TrainError(
+                f"{bad} of {len(features)} {name} feature vectors are not finite (the backbone gave NaN or inf: "
+                "damaged --weights, or a precision too low for this model); try --precision fp32"
+            )
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     x, vx = (train_x - mean) / std, (val_x - mean) / std
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
@@ -134,5 +144,7 @@ def fit_head(
             fits.append((score, l2, head))
         _, l2, head = min(fits, key=lambda item: item[0])
     train_loss, train_acc = _evaluate(head, x, train_y, loss_fn)
+    if not math.isfinite(train_loss):
+        raise TrainError(f"the head's training loss became {train_loss}; no model was saved")
     val_loss, val_top1 = _evaluate(head, vx, val_y, loss_fn) if have_val else (math.nan, math.nan)
     return HeadFit(_fold_standardisation(head, mean, std), val_loss, val_top1, l2, train_loss, train_acc)
