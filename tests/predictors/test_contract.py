@@ -71,3 +71,21 @@ def test_auto_takes_the_export_and_falls_back_to_torch_when_it_is_stale(exported
         assert any("made from earlier weights" in e.text for e in events)
     finally:
         weights.write_bytes(original)
+
+
+def test_auto_does_not_trust_an_export_that_does_not_say_which_weights_it_came_from(exported_run):
+    """BAD_INPUTS case 41: an export without the weights' hash (made before it was recorded, or
+    copied in from elsewhere) beside the weights is not taken by auto."""
+    import json
+
+    meta_path = exported_run / "onnx" / "model.json"
+    original = meta_path.read_text()
+    try:
+        meta = json.loads(original)
+        del meta["onnx"]["weights_sha256"]
+        meta_path.write_text(json.dumps(meta))
+        events = []
+        assert api.load(exported_run, events=events.append).backend == "torch"
+        assert any("or does not say which" in e.text for e in events)
+    finally:
+        meta_path.write_text(original)

@@ -49,10 +49,11 @@ def weights_digest(path: str | os.PathLike) -> str:
 
 
 def _stale(path: Path, folder: Path) -> bool:
-    """Whether the export in ``folder`` was made from other weights than the bundle at ``path`` has now."""
+    """Whether the export in ``folder`` was made from other weights than the bundle at ``path`` has
+    now, or does not say which (an export from before the hash was recorded, or copied in)."""
     weights = path / RunDir.WEIGHTS
     recorded = onnx_meta(folder)["onnx"].get("weights_sha256")
-    return folder != path and weights.exists() and bool(recorded) and recorded != weights_digest(weights)
+    return folder != path and weights.exists() and (not recorded or recorded != weights_digest(weights))
 
 
 def _choose(path: Path, backend: str, int8: bool, events: Events) -> tuple[str, Path | None]:
@@ -71,8 +72,8 @@ def _choose(path: Path, backend: str, int8: bool, events: Events) -> tuple[str, 
         if backend == "auto" and not int8:
             warn(
                 events,
-                f"the ONNX export in {folder} was made from earlier weights; using PyTorch "
-                f"(run imgclf export {path} again)",
+                f"the ONNX export in {folder} was made from earlier weights (or does not say which); using "
+                f"PyTorch (run imgclf export {path} again)",
                 str(folder),
             )
             return "torch", None
