@@ -697,3 +697,21 @@ def test_fuzz_larger_files_are_bounded_in_time_and_leak_no_file_handle(tmp_path,
         slowest = max(slowest, time.perf_counter() - started)
     assert slowest < 2.0, f"one mutated photo took {slowest:.2f} s"
     assert len(os.listdir("/proc/self/fd")) <= open_before, "a file handle was left open"
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    """BAD_INPUTS case 50: a progressive JPEG whose last scan is repeated 2,000 times (each scan
+    passes over the whole image again) is refused from a count of its scan markers, at once; an
+    ordinary progressive JPEG still decodes."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "progressive.jpg"
+    Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(path, "JPEG", progressive=True)
+    data = path.read_bytes()
+    assert load_image(path).size == (800, 600) and 2 < data.count(b"\xff\xda") < 20
+    last = data.rindex(b"\xff\xda")
+    slow = tmp_path / "slow.jpg"
+    slow.write_bytes(data[:last] + data[last:-2] * 2000 + b"\xff\xd9")
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"too many JPEG scans \(20\d\d, over 500\): decoding could take minutes"):
+        load_image(slow)
+    assert time.perf_counter() - started < 1.0

@@ -36,6 +36,9 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit; more is treated as a deco
 # No photo is this large (an uncompressed BMP at the pixel limit is 270 MB): a bigger file named
 # .jpg is never read whole
 MAX_FILE_BYTES = 512 * 2**20
+# A progressive JPEG has about ten scans; libjpeg-turbo's own guard (tjLimitScans) stops at 500.
+# (0xFF 0xDA marks a scan: inside compressed data a 0xFF is always followed by 0x00 or a restart.)
+MAX_JPEG_SCANS = 500
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, always the same
 
 # Never accept truncated images silently (Pillow's global switch must stay off).
@@ -212,6 +215,9 @@ def decode_image_bytes(
     """
     if len(data) == 0:
         raise ImageError(name, "empty file")
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        # each progressive scan passes over the whole image again: thousands take minutes to decode
+        raise ImageError(name, f"too many JPEG scans ({scans}, over {MAX_JPEG_SCANS}): decoding could take minutes")
     try:
         image = _open_checked(io.BytesIO(data), name, max_pixels)
     except UnidentifiedImageError:
