@@ -9,6 +9,7 @@ and takes well under a second.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -49,17 +50,25 @@ PALETTE = ((200, 40, 40), (20, 120, 220), (0, 0, 0))  # index 2 is the transpare
 TRANSPARENT_INDEX = 2
 
 
+def missing_data(message: str):
+    """Skip a test whose real photos are not here; fail it loudly where they must be (CI sets
+    IMGCLF_REQUIRE_DATA=1), so that a CI without ../shared/datasets is red, not quietly short."""
+    if os.environ.get("IMGCLF_REQUIRE_DATA"):
+        pytest.fail(f"{message}; IMGCLF_REQUIRE_DATA is set, so this is a failure, not a skip")
+    pytest.skip(message)
+
+
 def clothing_photos(
     classes: Sequence[str] = ("hat", "shoes", "skirt"), per_class: int = 12, split: str = "train"
 ) -> dict[str, list[Path]]:
     """The first ``per_class`` photos (sorted by name: always the same) of each class; skip if absent."""
     if not CLOTHING.is_dir():
-        pytest.skip(f"real photos not found at {CLOTHING} (see ../shared/datasets/README.md)")
+        missing_data(f"real photos not found at {CLOTHING} (see ../shared/datasets/README.md)")
     chosen = {}
     for name in classes:
         files = sorted((CLOTHING / split / name).glob("*.jpg"))[:per_class]
         if len(files) < per_class:
-            pytest.skip(f"{CLOTHING / split / name}: {len(files)} photos, {per_class} needed")
+            missing_data(f"{CLOTHING / split / name}: {len(files)} photos, {per_class} needed")
         chosen[name] = files
     return chosen
 

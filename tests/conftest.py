@@ -30,7 +30,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch, _shared_engines):
 @pytest.fixture(scope="session")
 def clothing() -> Path:
     if not CLOTHING.is_dir():
-        pytest.skip(f"real photos not found at {CLOTHING} (see ../shared/datasets/README.md)")
+        from tests.badfiles import missing_data
+
+        missing_data(f"real photos not found at {CLOTHING} (see ../shared/datasets/README.md)")
     return CLOTHING
 
 
