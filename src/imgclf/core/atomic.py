@@ -25,21 +25,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(handle.name, "rb") as written:
             os.fsync(written.fileno())
         os.replace(handle.name, path)
-    except OutputError:
+    except BaseException as exc:
         Path(handle.name).unlink(missing_ok=True)
-        raise
-    except Exception as exc:
-        Path(handle.name).unlink(missing_ok=True)
-        code = _os_error_code(exc)
+        code = None if isinstance(exc, OutputError) else _os_error_code(exc)
         if code is None:
             raise
         full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         todo = "free some disk space and run again (a training continues with --resume)" if full else "check the folder"
         reason = os.strerror(code)
         raise OutputError(f"{path}: cannot write it ({reason}); the file there before is whole; {todo}") from exc
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
     try:  # the rename itself must reach the disk too
         directory = os.open(path.parent, os.O_RDONLY)
         os.fsync(directory)

@@ -16,6 +16,7 @@ from pathlib import Path
 from imgclf.core.errors import SettingsError
 from imgclf.serve.http import Limits
 from imgclf.serve.store import Home, Store
+from imgclf.serve.worker import TRAIN_THREADS_ENV
 
 
 def is_loopback(host: str) -> bool:
@@ -78,7 +79,7 @@ class _Supervisor:
 
     def __init__(self, home: Home, database: str | None, train_threads: int = 0):
         self.home, self.database, self.stopping = home, database, threading.Event()
-        self.env = {**os.environ, "IMGCLF_TRAIN_THREADS": str(train_threads)} if train_threads else None
+        self.env = {**os.environ, TRAIN_THREADS_ENV: str(train_threads)} if train_threads else None
         self.child = self._start()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()

@@ -223,8 +223,7 @@ class Store:
     def forget_dead_workers(self, host: str, alive) -> None:
         """Drop the heartbeats of this host's workers that are gone (killed, so they could not)."""
         for row in self.query("SELECT name FROM workers"):
-            name, _, pid = row["name"].rpartition("-")
-            if name == host and pid.isdigit() and not alive(int(pid)):
+            if _gone(row["name"], host, alive):
                 self.forget_worker(row["name"])
 
     def live_workers(self, within_s: float = LEASE_S) -> list[dict]:
@@ -236,9 +235,7 @@ class Store:
         orphans = [
             row["id"]
             for row in self.query("SELECT id, worker FROM jobs WHERE state = 'running'")
-            if row["worker"]
-            and row["worker"].rsplit("-", 1)[0] == host
-            and not alive(int(row["worker"].rsplit("-", 1)[1]))
+            if _gone(row["worker"], host, alive)
         ]
         for job_id in orphans:
             self.requeue_job(job_id)
@@ -246,3 +243,10 @@ class Store:
 
     def requeue_job(self, job_id: str) -> None:
         self.execute("UPDATE jobs SET state = 'queued', lease_until = NULL, worker = NULL WHERE id = ?", job_id)
+
+
+def _gone(worker: str | None, host: str, alive) -> bool:
+    """Whether ``worker`` (``host-pid``, as the worker names itself) ran on ``host`` and its
+    process is no longer alive."""
+    name, _, pid = (worker or "").rpartition("-")
+    return name == host and pid.isdigit() and not alive(int(pid))

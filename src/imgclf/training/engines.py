@@ -93,19 +93,17 @@ def _backbone_file(key: str, model: nn.Module, job: Job) -> Path:
     """The backbone as ONNX, kept in the cache; in a temporary folder for this run when the cache
     cannot be written (full, read-only), so that the run goes on."""
     name = f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
-    folders = (cache_dir() / "engines", lambda: Path(tempfile.mkdtemp(prefix="imgclf-engine-")))
-    for folder in (f() if callable(f) else f for f in folders):  # the temporary one only when needed
-        path = folder / name
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(
-                    path, lambda temp: to_onnx(_Pooled(copy.deepcopy(model)), job.prep.image_size, temp, "features")
-                )
-            return path
-        except OSError:
-            continue
-    raise OSError(f"cannot write the backbone's ONNX file to {cache_dir()} or a temporary folder")
+    try:
+        return _write_backbone(cache_dir() / "engines" / name, model, job)
+    except OSError:
+        return _write_backbone(Path(tempfile.mkdtemp(prefix="imgclf-engine-")) / name, model, job)
+
+
+def _write_backbone(path: Path, model: nn.Module, job: Job) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda temp: to_onnx(_Pooled(copy.deepcopy(model)), job.prep.image_size, temp, "features"))
+    return path
 
 
 def _rate(run: Features, batch: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ from imgclf.data.dataset import open_for, prefetch_batches
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageError
 from imgclf.data.sources import Sample
 from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
+from imgclf.predictors import weights_digest
 
 # (path, size, mtime_ns, inode, ctime_ns) -> SHA-256: a weights file is read once per process
 # while it stays the same file; any replacement (even with size and mtime kept) changes the stamp
@@ -58,14 +59,10 @@ def weights_key(weights: str) -> str:
         known = _WEIGHTS_DIGESTS.get(stamp)
     if known is not None:
         return known
-    digest = hashlib.sha256()
     try:
-        with open(weights, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        key = f"sha256:{weights_digest(weights)}"
     except OSError:  # unreadable: loading the weights reports that; the stamp still tells versions apart
         return "|".join(str(part) for part in stamp)
-    key = f"sha256:{digest.hexdigest()}"
     with _DIGESTS_LOCK:
         _WEIGHTS_DIGESTS[stamp] = key
     return key

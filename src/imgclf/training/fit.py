@@ -88,7 +88,7 @@ def train(
         batch = saved.get("batch_size", 0) if resume else as_settings(settings).train.batch_size
         smaller = f"try --batch-size {max(1, batch // 2)}" if batch else "try a smaller --batch-size"
         raise TrainError(
-            f"out of memory ({_first_line(exc)}); {smaller}, a smaller --image-size, or close other programs; "
+            f"out of memory ({_last_line(exc)}); {smaller}, a smaller --image-size, or close other programs; "
             f"a run that had started continues with: imgclf train --resume {out}"
         ) from None
 
@@ -103,7 +103,8 @@ def out_of_memory(exc: BaseException) -> bool:
     return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """The line that says what failed (PyTorch's allocator puts it last)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
 
 
