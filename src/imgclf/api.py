@@ -24,6 +24,7 @@ from imgclf.core.settings import Settings, as_settings, flat_overrides, from_dic
 from imgclf.data.audit import AuditReport, audit
 from imgclf.data.fetch import FetchSummary, fetch_urls
 from imgclf.data.fetch.img2dataset import import_img2dataset
+from imgclf.data.shards import ShardSummary, write_shards
 from imgclf.data.sources import scan
 from imgclf.evaluation import embed as embedding
 from imgclf.evaluation import run as evaluation
@@ -34,7 +35,7 @@ from imgclf.predictors import load as load_predictor
 from imgclf.training import fit
 from imgclf.training.distributed import is_main_process
 
-__all__ = ["check", "fetch", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
+__all__ = ["check", "fetch", "shard", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
 
 PathLike = str | os.PathLike
 
@@ -246,3 +247,18 @@ def similar(
     settings = as_settings(settings)
     clf = evaluation.load_for_evaluation(Path(source), settings)
     return embedding.similar(clf, source, str(query), k, events, stop)
+
+
+def shard(
+    source: PathLike,
+    out: PathLike,
+    settings: Settings | dict | None = None,
+    *,
+    events: Events | None = None,
+    stop: StopToken | None = None,
+) -> ShardSummary:
+    """WebDataset tar shards of ``source`` in ``out``, with byte-offset indexes, ``classes.json``,
+    ``stats.json`` and timm's ``_info.json``; audited and split as a training on ``source`` would
+    be, so ``out`` trains the same model. A rerun finishes a killed one; ``shard_part`` ("i/N")
+    writes one machine's share. See docs/shards.md."""
+    return write_shards(source, out, as_settings(settings), channel(events), stop_token(stop))

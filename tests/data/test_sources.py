@@ -1,5 +1,5 @@
 """Contract over every data source kind: the same images given as class folders, split folders, a
-CSV manifest and IDX files give the same samples (labels and pixels) through the one registry,
+CSV manifest, IDX files and imgclf shards give the same samples (labels and pixels) through the one registry,
 and the audit treats them alike."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from imgclf.core.settings import as_settings
 from imgclf.data.audit import audit
+from imgclf.data.shards import write_shards
 from imgclf.data.sources import SOURCES, open_sample, read_sample, scan
 from imgclf.data.sources.idx import write_idx
 
@@ -58,6 +60,10 @@ def _write(kind: str, root, images):
             write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.array([t for t, _ in part], dtype=np.uint8))
         (root / "classes.txt").write_text("\n".join(LABELS) + "\n")
         return root
+    if kind == "shards":  # imgclf shard of the split folders (no validation carved: the splits stay as given)
+        photos = _write("split-folders", root / "photos", images)
+        write_shards(photos, root / "shards", as_settings({"val_fraction": 0, "shard_samples": 5}))
+        return root / "shards"
     raise AssertionError(f"no writer for source kind {kind}: add one to this contract test")
 
 

@@ -135,6 +135,16 @@ def fetch(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def shard(args: argparse.Namespace, ctx: Context) -> int:
+    summary = api.shard(args.data, args.out, ctx.settings(args), events=ctx.events, stop=ctx.stop)
+    done = "complete" if summary.complete else "incomplete: the other parts are still to run"
+    render.say(
+        f"{summary.out}: {summary.samples} photos in {summary.shards} shards ({done}); this run wrote "
+        f"{len(summary.written)}, kept {summary.kept} already complete; {summary.skipped} files left out"
+    )
+    return 0
+
+
 def datasets(args: argparse.Namespace, ctx: Context) -> int:
     from imgclf.data.sources.idx import download  # the one command that uses the network
 
@@ -209,6 +219,7 @@ HANDLERS = {
     "serve": serve,
     "worker": worker,
     "fetch": fetch,
+    "shard": shard,
     "datasets": datasets,
     "demo": demo,
 }

@@ -18,9 +18,11 @@ SECTIONS_FOR = {
     "similar": ("system",),
     "export": ("system",),
     "fetch": ("fetch",),
+    "shard": ("data", "shard", "system"),
 }
 # settings of other sections that a command reads too (fetch checks pictures as check does)
 EXTRA_SETTINGS = {"fetch": ("min_side", "max_pixels")}
+SHARD_ALIASES = {"shard_part": "--part", "shard_max_side": "--max-side"}
 DATA_HELP = "folder of class folders, split folders, a CSV manifest or IDX files"
 
 
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label", help="--from-img2dataset: the column holding the label")
     p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
 
+    p = _command(sub, "shard", "write a data set as WebDataset tar shards with byte-offset indexes (timm reads them)")
+    p.add_argument("data", help=DATA_HELP)
+    p.add_argument("out", help="folder for the shards (a rerun finishes a killed run there)")
+    _shard_aliases(p)
+
     p = _command(sub, "datasets", "get public data sets (needs a network)")
     p.add_argument("action", choices=["download"])
     p.add_argument("name", choices=["fashion-mnist", "mnist"])
@@ -226,9 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/digits", help="run folder")
 
     for name in SECTIONS_FOR:
-        skip = ("model", "mode", "per_class") if name == "compare" else ()
+        skip = ("model", "mode", "per_class") if name == "compare" else tuple(SHARD_ALIASES) if name == "shard" else ()
         _add_setting_flags(sub.choices[name], name, skip)
     return parser
+
+
+def _shard_aliases(p: argparse.ArgumentParser) -> None:
+    """``--part`` and ``--max-side`` as well as the settings' own names (``max_side`` is fetch's)."""
+    for spec in section_fields("shard"):
+        if spec.name in SHARD_ALIASES:
+            flags = (SHARD_ALIASES[spec.name], "--" + spec.name.replace("_", "-"))
+            help_text = f"{spec.metadata['help']} (default: {'all' if spec.default == '' else spec.default})"
+            p.add_argument(*flags, dest=spec.name, type=type(spec.default), default=argparse.SUPPRESS,
+                           help=help_text, metavar="I/N" if spec.name == "shard_part" else "PX")  # fmt: skip
 
 
 def _database_argument(p: argparse.ArgumentParser) -> None:

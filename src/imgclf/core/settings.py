@@ -164,6 +164,18 @@ class FetchSettings:
 
 
 @dataclass
+class ShardSettings:
+    shard_samples: int = setting(1000, "shard: photos per tar shard (1000 web-sized photos: about 100-300 MB)", low=1)
+    shard_seed: int = setting(0, "shard: seed of the shuffle that mixes the classes across the shards")
+    shard_max_side: int = setting(
+        0, "shard: re-encode photos longer than this many pixels as JPEG of that size (0: keep the bytes)", low=0
+    )
+    shard_part: str = setting(
+        "", "shard: write only the shards j with j mod N = i, given as i/N (0-based: 0/4 ... 3/4); empty: all"
+    )
+
+
+@dataclass
 class SystemSettings:
     """How this machine runs the work, never what is learned: the one section that ``--resume``
     may change, and that train, predict, export and the service all read."""
@@ -196,6 +208,7 @@ class Settings:
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    shard: ShardSettings = field(default_factory=ShardSettings)
     system: SystemSettings = field(default_factory=SystemSettings)
 
     def to_dict(self) -> dict:

@@ -20,6 +20,7 @@ from imgclf.data.sources.base import LEVEL_SEP, FileReader, Reader, Sample, Scan
 from imgclf.data.sources.folders import FoldersSource, SplitFoldersSource
 from imgclf.data.sources.idx import IdxReader, IdxSource
 from imgclf.data.sources.manifest import CsvSource
+from imgclf.data.sources.shards import ShardReader, ShardsSource
 
 __all__ = [
     "LEVEL_SEP",
@@ -34,9 +35,10 @@ __all__ = [
     "open_sample",
 ]
 
-# Tried in this order: the most specific first (a folder of IDX files, split folders, class folders).
-SOURCES: tuple[type[Source], ...] = (CsvSource, IdxSource, SplitFoldersSource, FoldersSource)
-READERS: dict[str, Reader] = {r.kind: r for r in (FileReader(), IdxReader())}
+# Tried in this order: the most specific first (imgclf shards, a folder of IDX files, split folders,
+# class folders: a shard folder is a folder too, so it must be recognised before class folders).
+SOURCES: tuple[type[Source], ...] = (CsvSource, ShardsSource, IdxSource, SplitFoldersSource, FoldersSource)
+READERS: dict[str, Reader] = {r.kind: r for r in (FileReader(), IdxReader(), ShardReader())}
 
 
 def scan(source: str | os.PathLike, allow_outside: bool = False) -> ScanResult:
