@@ -94,15 +94,16 @@ def train(
     *,
     events: Events | None = None,
     stop: StopToken | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     evaluate: bool = True,
 ) -> fit.TrainResult:
     """Train a classifier on ``source`` into the run folder ``out``, then calibrate it on the
     validation split and report on the test split. ``resume=True`` continues the run in ``out``
-    (``settings`` may then change only the system section). A run stopped at its time budget is
-    evaluated too: its best model so far is what the budget bought."""
+    (``settings`` may then change only the system section); ``resume="auto"`` continues it when
+    ``out`` holds a run and starts it otherwise (one command for every torchrun restart). A run
+    stopped at its time budget is evaluated too: its best model so far is what the budget bought."""
     started, events, stop = time.monotonic(), channel(events), stop_token(stop)
-    source = None if resume else str(source)
+    source = None if resume is True or source is None else str(source)
     result = fit.train(source, str(out), settings, events=events, stop=stop, resume=resume, started=started)
     run = RunDir(out)
     budget_stop = result.status == "stopped" and result.reason == "time budget" and (run / RunDir.WEIGHTS).exists()

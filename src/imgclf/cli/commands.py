@@ -33,10 +33,14 @@ def check(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def train(args: argparse.Namespace, ctx: Context) -> int:
-    if args.resume:
+    if args.resume == "auto":
+        result = api.train(args.data, args.out, ctx.settings(args), events=ctx.events, stop=ctx.stop, resume="auto")
+    elif args.resume:
         result = api.train(None, args.resume, overrides(args, "train"), events=ctx.events, stop=ctx.stop, resume=True)
     else:
         result = api.train(args.data, args.out, ctx.settings(args), events=ctx.events, stop=ctx.stop)
+    if result.status == "stopped" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0  # under torchrun a stop was asked for: a non-zero exit would make it restart the run
     return 0 if result.status == "finished" else 3
 
 

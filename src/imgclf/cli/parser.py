@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run from where it stopped (only system settings may change)",
+        help="continue an interrupted run from where it stopped (only system settings may change); "
+        "auto: continue the run in --out if there is one, else start it (one command for every torchrun restart)",
     )
     p.add_argument("--config", help="JSON file of settings (flat or by section); flags override it")
 

@@ -89,8 +89,16 @@ class TrainSettings:
         "weight the loss by inverse class frequency; auto: when the imbalance ratio is 3 or more",
         choices=("auto", "on", "off"),
     )
-    batch_size: int = setting(64, "images per optimisation step")
-    lr: float = setting(2e-3, "peak learning rate of AdamW")
+    batch_size: int = setting(64, "images per micro-batch per process (global batch: this x accumulate x processes)")
+    accumulate: int = setting(1, "micro-batches whose gradients are summed into each optimisation step", low=1)
+    lr: float = setting(0.0, "peak learning rate of AdamW (0: lr_base scaled to the global batch)", low=0)
+    lr_base: float = setting(
+        4e-3,
+        "learning rate at a global batch of 256, scaled by the square root of global batch / 256 when lr is 0 "
+        "(timm's rule for adaptive optimisers; 2e-3 at one process's default batch of 64)",
+        low=0,
+    )
+    sync_bn: bool = setting(False, "several GPUs: batch-norm statistics computed over all processes' batches")
     weight_decay: float = setting(0.05, "AdamW weight decay", low=0)
     warmup_epochs: float = setting(1.0, "epochs of linear learning-rate warm-up before the cosine decay", low=0)
     label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy loss", low=0, high=0.99)
@@ -193,6 +201,14 @@ class SystemSettings:
     max_pixels: int = setting(
         89_478_485, "images with more pixels are refused as decompression bombs (in check, train, evaluate and predict)"
     )
+    checkpoint_minutes: float = setting(
+        10.0, "write a mid-epoch checkpoint this often as well as at each epoch's end (0: epoch ends only)", low=0
+    )
+    compile: str = setting(
+        "auto",
+        "torch.compile the network before training; auto: on a GPU for runs of 2,000 steps or more",
+        choices=("auto", "on", "off"),
+    )
     time_budget: str = setting(
         "auto",
         "wall time a training may take, everything included (e.g. 10m, 90s, 1h; 0: none); auto: 10m on a CPU, "
@@ -292,8 +308,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"image_size {m.image_size} is too small (8 pixels at least, or 0 for the model's own)")
     if t.epochs < 1 or t.batch_size < 1:
         raise SettingsError("epochs and batch_size must be at least 1")
-    if t.lr <= 0:
-        raise SettingsError("lr must be positive")
+    if t.lr < 0 or t.lr_base <= 0:
+        raise SettingsError("lr must be positive (or 0: lr_base scaled to the batch) and lr_base positive")
     if s.time_budget != "auto":
         parse_duration(s.time_budget)
     if s.max_pixels < 1 or settings.predict.predict_batch_size < 1:
@@ -381,6 +397,19 @@ def flat_overrides(overrides: dict) -> dict:
         else:
             flat[key] = value
     return flat
+
+
+def asked_settings(settings: Settings | dict | None) -> dict:
+    """What differs from the defaults: what a person asked for (a resumed run is told only that)."""
+    if not isinstance(settings, Settings):
+        return dict(settings or {})
+    defaults = Settings()
+    return {
+        spec.name: getattr(getattr(settings, name), spec.name)
+        for name in SECTIONS
+        for spec in section_fields(name)
+        if getattr(getattr(settings, name), spec.name) != getattr(getattr(defaults, name), spec.name)
+    }
 
 
 def resume_overrides(saved: Settings, overrides: dict) -> tuple[Settings, list[str]]:

@@ -120,32 +120,86 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 class EpochSampler(Sampler):
-    """A seeded permutation per epoch, sharded over ``world_size`` processes, able to skip the
-    first ``skip`` items (to resume mid-epoch). Yields ``(epoch, index)`` keys."""
+    """A seeded permutation per epoch, laid out in global steps and shared among processes;
+    yields ``(epoch, index)`` keys for this process.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    Each optimisation step takes the next ``batch_size x accumulate x world_size`` images of the
+    permutation (the global batch), cut into micro-batches of ``batch_size``: micro-batch ``m`` of
+    rank ``r`` is slice ``m * world_size + r`` of it (:meth:`slice_of`). So 2 ranks see, step by
+    step, the same images as 1 process accumulating 2 micro-batches, and a resumed run skips whole
+    global steps whatever the number of processes. Only whole global steps are taken (batch norm
+    needs no 1-image batches, DDP needs equal steps everywhere) unless the data holds fewer than
+    one: then the one step is what divides evenly among the processes.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        accumulate: int = 1,
+    ):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip = 0, 0
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.epoch, self.skip_steps = 0, 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulate * self.world_size
+
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        self.epoch, self.skip_steps = epoch, skip_steps
+
+    @staticmethod
+    def slice_of(micro: int, rank: int, world_size: int) -> int:
+        """Which micro-batch of the global batch a rank's ``micro``-th micro-batch is."""
+        return micro * world_size + rank
+
+    def steps(self) -> int:
+        """Optimisation steps in one epoch."""
+        return self.size // self.global_batch if self.size >= self.global_batch else int(self.size >= self.world_size)
 
     def _indices(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))[self.rank :: self.world_size]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        # every process gets the same number of items (DDP steps in lock-step)
-        per_rank = len(order) // self.world_size if self.world_size > 1 else len(order)
-        return order[self.rank :: self.world_size][:per_rank]
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        if self.size < self.global_batch:  # one short step, shared evenly
+            share = self.size // self.world_size
+            return order[self.rank * share : (self.rank + 1) * share] if self.skip_steps == 0 else []
+        mine, b = [], self.batch_size
+        for step in range(self.skip_steps, self.steps()):
+            chunk = order[step * self.global_batch : (step + 1) * self.global_batch]
+            for micro in range(self.accumulate):
+                k = self.slice_of(micro, self.rank, self.world_size)
+                mine += chunk[k * b : (k + 1) * b]
+        return mine
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.skip :]:
+        for index in self._indices():
             yield self.epoch, index
 
     def __len__(self) -> int:
-        return max(0, len(self._indices()) - self.skip)
+        return len(self._indices())
+
+
+class ShareSampler(Sampler):
+    """This process's share of an evaluation set: a contiguous block, no padding (every image
+    evaluated exactly once over all processes), so the gathered results equal one process's."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.start, self.stop = (size * rank) // world_size, (size * (rank + 1)) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 def prefetch_batches(

@@ -18,11 +18,11 @@ from imgclf.core.preprocessing import Preprocessing
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import Settings
 from imgclf.data.audit import audit, summary_line
-from imgclf.data.dataset import EpochSampler, ImageDataset, collate_skip_bad, decode_all
+from imgclf.data.dataset import EpochSampler, ImageDataset, ShareSampler, collate_skip_bad, decode_all
 from imgclf.data.sources import Sample, scan
 from imgclf.data.split import assign_splits, limit_per_class, read_split_csv, write_split_csv
 from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
-from imgclf.training.distributed import Distributed
+from imgclf.training.distributed import Distributed, per_node
 
 
 @dataclass
@@ -145,22 +145,24 @@ def reload_data(run: RunDir) -> RunData:
     return RunData(list(run.read_run()["classes"]), read_split_csv(run / RunDir.SPLIT))
 
 
-def use_memory_cache(setting: str, n_train: int, n_eval: int, prep: Preprocessing) -> bool:
-    """Cache decoded images when they fit comfortably (a third of free memory)."""
+def use_memory_cache(setting: str, n_train: int, n_eval: int, prep: Preprocessing, ranks: Distributed) -> bool:
+    """Cache decoded images when they fit comfortably (a third of this process's share of free
+    memory: the node's processes each cache their own)."""
     if setting != "auto":
         return setting == "ram"
     side = prep.resize_size
     needed = n_train * 3 * side * side * 1.4 + n_eval * 3 * prep.image_size**2
-    return needed < available_memory_bytes() / 3
+    return needed < per_node(available_memory_bytes(), ranks) / 3
 
 
-def worker_count(setting: int, cached: bool) -> int:
-    """Workers only help when decoding happens per step; with a cache they fight the model for cores."""
+def worker_count(setting: int, cached: bool, ranks: Distributed = Distributed()) -> int:
+    """Workers only help when decoding happens per step; with a cache they fight the model for
+    cores. The node's cores are shared among its processes."""
     if setting >= 0:
         return setting
     if cached:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, int(per_node(os.cpu_count() or 2, ranks)) - 1))
 
 
 def _cached_dataset(
@@ -203,7 +205,7 @@ def build_loaders(
 ) -> Loaders:
     t, system = settings.train, settings.system
     train_samples, val_samples = run_data.split("train"), run_data.split("val")
-    cache = use_memory_cache(system.cache, len(train_samples), len(val_samples), prep)
+    cache = use_memory_cache(system.cache, len(train_samples), len(val_samples), prep, ranks)
     ctx = (events, stop, system.max_pixels)
     train_samples, train_targets, train_cache = _cached_dataset(
         train_samples, run_data.targets(train_samples), prep, True, cache, "decode train", ctx
@@ -221,16 +223,14 @@ def build_loaders(
         train_cache,
         system.max_pixels,
     )
-    sampler = EpochSampler(len(train_set), t.seed, True, ranks.rank, ranks.world_size)
-    workers = worker_count(system.workers, cache)
-    drop_last = len(train_set) // ranks.world_size > t.batch_size  # no 1-image batches for batch norm
+    sampler = EpochSampler(len(train_set), t.seed, True, ranks.rank, ranks.world_size, t.batch_size, t.accumulate)
+    workers = worker_count(system.workers, cache, ranks)
     train_loader = DataLoader(
         train_set,
         t.batch_size,
-        sampler=sampler,
+        sampler=sampler,  # whole global steps only (see EpochSampler)
         num_workers=workers,
         collate_fn=collate_skip_bad,
-        drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         generator=_own_generator(t.seed),
     )
@@ -240,6 +240,7 @@ def build_loaders(
         val_loader = DataLoader(
             val_set,
             t.batch_size * 2,
+            sampler=ShareSampler(len(val_set), ranks.rank, ranks.world_size),  # gathered on rank 0
             num_workers=workers,
             collate_fn=collate_skip_bad,
             generator=_own_generator(t.seed),

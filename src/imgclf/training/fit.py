@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,16 +22,26 @@ from imgclf.core.errors import Stopped, TrainError
 from imgclf.core.events import EpochEnd, Events, StopToken, channel, ignore, info, stop_token
 from imgclf.core.meta import LEVEL_SEP
 from imgclf.core.rundir import RunDir
-from imgclf.core.settings import Settings, as_settings
+from imgclf.core.settings import Settings, as_settings, asked_settings
 from imgclf.models.factory import freeze_early_layers
-from imgclf.models.heads import classifier_name, head_info
+from imgclf.models.heads import head_info, install_saved_head
 from imgclf.training.checkpoint import save_checkpoint
 from imgclf.training.data_setup import Loaders, build_loaders
-from imgclf.training.distributed import broadcast_flag, init_distributed, unwrap, wrap_model
+from imgclf.training.distributed import (
+    Distributed,
+    average_batch_norm,
+    gather_to_main,
+    init_distributed,
+    run_on_main,
+    share_from_main,
+    sum_over_ranks,
+    unwrap,
+)
 from imgclf.training.engines import feature_engine
-from imgclf.training.head import HeadFit, class_weights
+from imgclf.training.head import HeadFit
 from imgclf.training.job import Job, load_job, prepare_job
 from imgclf.training.loop import (
+    EpochControl,
     EpochProgress,
     NonFiniteLossError,
     TrainStep,
@@ -38,10 +49,11 @@ from imgclf.training.loop import (
     summarize_logits,
     train_one_epoch,
 )
+from imgclf.training.optim import build_step, loop_epochs
 from imgclf.training.plan import budget_seconds, make_plan
 from imgclf.training.split import split_training
 from imgclf.training.state import HISTORY_FIELDS, RunState, checkpoint_state, restore_state, write_history
-from imgclf.training.transfer import SplitFeatures, fit_transfer_head, use_class_weights
+from imgclf.training.transfer import SplitFeatures, fit_transfer_head
 
 
 @dataclass
@@ -64,13 +76,18 @@ def train(
     *,
     events: Events | None = None,
     stop: StopToken | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     started: float | None = None,
 ) -> TrainResult:
-    """Train a classifier on ``source`` into the run folder ``out``, or continue it (``resume``).
-    ``started`` (time.monotonic()) is when the time budget began: by default, now."""
+    """Train a classifier on ``source`` into the run folder ``out``, or continue it (``resume``;
+    ``"auto"``: continue the run in ``out`` when there is one, else start it, so that one command
+    serves every attempt under ``torchrun --max-restarts``). ``started`` (time.monotonic()) is
+    when the time budget began: by default, now."""
     started = time.monotonic() if started is None else started
     ranks = init_distributed()
+    if resume == "auto":
+        resume = share_from_main(RunDir(out).is_run, ranks)  # decided once: rank 0 may be creating it
+        settings = asked_settings(settings) if resume else settings
     events = channel(events) if ranks.is_main else ignore  # the one guard: only rank 0 reports
     run = RunDir(out)
     # one training per run folder: a new one refuses at once, a resumed one waits a while for a
@@ -114,23 +131,13 @@ def _train(
     """The body of :func:`train`; ``stop`` is the run's own child token (it may stop itself at its budget)."""
     out, timer = run.path, None
     try:
-        if resume:
-            job, model = load_job(run, settings, ranks, events)
-        else:
-            job, model = prepare_job(source, run, as_settings(settings), ranks, events, stop)
-        model = model.to(job.runtime.device, memory_format=job.runtime.memory_format)
-        if not run.read_run().get("plan"):  # a resumed run keeps the plan it was given
-            job, _ = make_plan(job, model, events, stop, started)
+        job, model = _prepare(source, run, settings, events, stop, resume, started, ranks)
         timer = _budget_timer(job, stop, started)
         if job.mode in ("head", "finetune") and not run.has_checkpoint:
-            engine = feature_engine(model, job, None, events)  # as the plan measured and remembered
-            fit, features = fit_transfer_head(
-                model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop, engine
-            )
-            if ranks.is_main:
-                run.update_run(head=head_info(model, job.settings.model.head_hidden))
+            fitted = run_on_main(ranks, lambda: _fit_head(job, model, events, stop))
             if job.mode == "head":
-                return _finish_head(job, model, fit, features)
+                return _finish_head(job, model, *fitted) if ranks.is_main else TrainResult(str(out), "finished", 1, 1)
+            install_saved_head(model, run.read_run())  # the other processes' heads take its shape; DDP its weights
         return _train_layers(job, model, events, stop)
     except Stopped as exc:
         if ranks.is_main and run.is_run:
@@ -142,6 +149,38 @@ def _train(
             timer.cancel()
 
 
+def _prepare(source, run: RunDir, settings, events, stop, resume: bool, started: float, ranks):
+    """Rank 0 scans, audits and splits the data once, builds the network and plans the run (or
+    loads all of it, resuming); the other processes then load what it recorded, as a resumed run
+    does, so every process trains on the same split, settings and plan."""
+
+    def main_prepares():
+        if resume:
+            job, model = load_job(run, settings, ranks, events)
+        else:
+            job, model = prepare_job(source, run, as_settings(settings), ranks, events, stop)
+        model = model.to(job.runtime.device, memory_format=job.runtime.memory_format)
+        if not run.read_run().get("plan"):  # a resumed run keeps the plan it was given
+            job, _ = make_plan(job, model, events, stop, started)
+        return job, model
+
+    prepared = run_on_main(ranks, main_prepares)
+    if ranks.is_main:
+        return prepared
+    job, model = load_job(run, settings if resume else {}, ranks, ignore)
+    return job, model.to(job.runtime.device, memory_format=job.runtime.memory_format)
+
+
+def _fit_head(job: Job, model: nn.Module, events: Events, stop: StopToken):
+    """The transfer head, fitted on frozen features (rank 0: the features are computed once)."""
+    engine = feature_engine(model, job, None, events)  # as the plan measured and remembered
+    fit, features = fit_transfer_head(
+        model, job.data, job.settings, job.prep, job.runtime, job.source, events, stop, engine
+    )
+    job.run.update_run(head=head_info(model, job.settings.model.head_hidden))
+    return fit, features
+
+
 def _budget_timer(job: Job, stop: StopToken, started: float):
     """Set the run's stop token when the time budget, less the evaluation still to come, is spent."""
     budget = budget_seconds(job.settings.system.time_budget, job.runtime)
@@ -149,44 +188,6 @@ def _budget_timer(job: Job, stop: StopToken, started: float):
         return None
     reserve = job.run.read_run().get("plan", {}).get("stages", {}).get("evaluate", 0.0)
     return stop.set_after(started + budget - reserve - time.monotonic(), "time budget")
-
-
-def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights (1-D parameters). In finetune
-    mode the pretrained layers learn ``backbone_lr_scale`` times slower than the new head."""
-    t = settings.train
-    head_prefix = classifier_name(unwrap(model)) + "."
-    groups = []
-    for is_head in (False, True):
-        scale = 1.0 if is_head or t.mode != "finetune" else t.backbone_lr_scale
-        params = [
-            (n, p)
-            for n, p in unwrap(model).named_parameters()
-            if p.requires_grad and n.startswith(head_prefix) == is_head
-        ]
-        groups += [
-            {"params": [p for _, p in params if p.ndim > 1], "weight_decay": t.weight_decay, "lr": t.lr * scale},
-            {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * scale},
-        ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
-
-
-def loop_epochs(settings: Settings) -> int:
-    return settings.train.finetune_epochs if settings.train.mode == "finetune" else settings.train.epochs
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, settings: Settings):
-    """Linear warm-up, then cosine decay to 1% of the peak, stepped every optimisation step."""
-    total = max(1, loop_epochs(settings) * steps_per_epoch)
-    warmup = min(total - 1, int(settings.train.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.01 + 0.99 * step / max(1, warmup)
-        done = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _bundle_meta(job: Job, model: nn.Module, row: dict) -> dict:
@@ -204,30 +205,63 @@ def _bundle_meta(job: Job, model: nn.Module, row: dict) -> dict:
     }
 
 
-def _epoch_row(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress, ctx: dict) -> dict:
+def gather_logits(model: nn.Module, loader, runtime, prep, ranks: Distributed, events: Events, reported: set):
+    """Logits and targets of a loader over a :class:`~imgclf.data.dataset.ShareSampler`: each
+    process evaluates its share, rank 0 puts them back in order (None elsewhere), so that what it
+    scores is what one process evaluating everything would score."""
+    logits, targets = evaluate_logits(model, loader, runtime, prep, events, reported)
+    shares = gather_to_main((logits, targets), ranks)
+    if shares is None:
+        return None
+    shares = [(lg, tg) for lg, tg in shares if len(tg)]
+    if not shares:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat([lg for lg, _ in shares]), torch.cat([tg for _, tg in shares])
+
+
+def _validate(step: TrainStep, loaders: Loaders, ctx: dict) -> dict:
+    """Loss, top-1 and top-5 on the validation split, scored on rank 0 and told to every process
+    (early stopping is decided alike everywhere)."""
     val = {"loss": math.nan, "top1": math.nan, "top5": math.nan}
-    if loaders.val is not None:
-        logits, targets = evaluate_logits(
-            unwrap(step.model), loaders.val, step.runtime, step.prep, ctx["events"], step.reported
-        )
-        val = summarize_logits(logits, targets, step.loss_fn)
-    summary = progress.summary()
+    if loaders.val is None:
+        return val
+    gathered = gather_logits(
+        unwrap(step.model), loaders.val, step.runtime, step.prep, step.ranks, ctx["events"], step.reported
+    )
+    if gathered is not None:
+        val = summarize_logits(*gathered, step.loss_fn)
+    return share_from_main(val, step.ranks)
+
+
+def _epoch_row(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress, ctx: dict) -> dict:
+    val = _validate(step, loaders, ctx)
+    seen, loss_sum, correct = sum_over_ranks([progress.seen, progress.loss_sum, progress.correct], step.ranks)
+    seen = max(seen, 1)
     return {
         "epoch": state.epoch + 1,
-        "train_loss": round(summary["train_loss"], 5),
-        "train_acc": round(summary["train_acc"], 5),
+        "train_loss": round(loss_sum / seen, 5),
+        "train_acc": round(correct / seen, 5),
         "val_loss": round(val["loss"], 5),
         "val_top1": round(val["top1"], 5),
         "val_top5": round(val["top5"], 5),
         "lr": step.optimizer.param_groups[0]["lr"],
         "seconds": round(progress.seconds, 2),
-        "images_per_s": round(summary["images_per_s"], 1),
+        "images_per_s": round(seen / max(progress.seconds, 1e-9), 1),
     }
+
+
+def _save_checkpoint(step: TrainStep, state: RunState, job: Job) -> None:
+    """Batch-norm statistics averaged over the processes first (in every process, so that a
+    resumed run goes on from the same statistics), then rank 0 writes."""
+    average_batch_norm(step.model, job.ranks)
+    if job.ranks.is_main:
+        save_checkpoint(checkpoint_state(step, state), job.run / RunDir.CHECKPOINT)
 
 
 def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: EpochProgress, ctx: dict) -> bool:
     """Validate, record, keep the best bundle, checkpoint. Returns True when patience ran out."""
     job: Job = ctx["job"]
+    average_batch_norm(step.model, job.ranks)
     row = _epoch_row(step, loaders, state, progress, ctx)
     state.history.append(row)
     score = row["val_loss"] if loaders.val is not None else row["train_loss"]
@@ -240,8 +274,8 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
         state.bad_epochs += 1
     state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
     epochs = loop_epochs(job.settings)
+    _save_checkpoint(step, state, job)
     if job.ranks.is_main:
-        save_checkpoint(checkpoint_state(step, state), job.run / RunDir.CHECKPOINT)
         write_history(job.run / RunDir.HISTORY, state.history)
         for key in HISTORY_FIELDS[1:]:
             ctx["writer"].add_scalar(key, row[key], row["epoch"])
@@ -256,29 +290,27 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
     """The epoch loop. Returns "finished", "early-stopped" or "stopped" (resumable)."""
     job: Job = ctx["job"]
     t, epochs = job.settings.train, loop_epochs(job.settings)
+
+    def save_mid_epoch(progress: EpochProgress) -> None:
+        state.progress = progress
+        _save_checkpoint(step, state, job)
+        state.progress = None
+
     while state.epoch < epochs:
         progress = state.progress or EpochProgress()
-        if progress.step == 0:  # each epoch's dropout/RNG stream depends only on (seed, epoch)
-            torch.manual_seed(t.seed * 7919 + state.epoch)
-        loaders.sampler.set_epoch(state.epoch, skip=progress.step * t.batch_size)
+        loaders.sampler.set_epoch(state.epoch, skip_steps=progress.step)
         ctx["epoch_started"] = time.perf_counter() - progress.seconds
         if ctx["views"] is not None:
             ctx["views"].compute(state.epoch, ctx["events"], ctx["stop"])
-        progress, interrupted = train_one_epoch(
-            step,
-            loaders.train,
-            progress,
-            ctx["stop"],
-            state.epoch,
-            epochs,
-            ctx["events"],
-            t.max_steps,
-            state.global_step,
+        control = EpochControl(
+            ctx["stop"], t.max_steps, state.global_step, job.settings.system.checkpoint_minutes * 60, save_mid_epoch
         )
-        if broadcast_flag(interrupted, job.ranks):
+        progress, interrupted = train_one_epoch(
+            step, loaders.train, progress, control, state.epoch, epochs, ctx["events"]
+        )
+        if interrupted:  # agreed by every process at the same step
             state.progress = progress
-            if job.ranks.is_main:
-                save_checkpoint(checkpoint_state(step, state), job.run / RunDir.CHECKPOINT)
+            _save_checkpoint(step, state, job)
             return "stopped"
         if _end_of_epoch(step, loaders, state, progress, ctx):
             info(
@@ -288,18 +320,6 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
             )
             return "early-stopped"
     return "finished"
-
-
-def _build_step(model: nn.Module, job: Job, loaders: Loaders) -> TrainStep:
-    settings, num_classes = job.settings, len(job.data.classes)
-    optimizer = _optimizer(model, settings)
-    targets = torch.tensor(loaders.train_dataset.targets, dtype=torch.long)
-    weights = None
-    if use_class_weights(settings.train.class_weights, targets, num_classes):
-        weights = class_weights(targets, num_classes).to(job.runtime.device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.train.label_smoothing)
-    scheduler = _scheduler(optimizer, len(loaders.train), settings)
-    return TrainStep(model, optimizer, scheduler, loss_fn, job.runtime, job.prep, frozen_bn=job.mode == "finetune")
 
 
 def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -> TrainResult:
@@ -313,10 +333,12 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
         if frozen:
             info(events, f"finetune: {frozen} parameter tensors up to stride {t.freeze_stride} stay frozen")
     loaders = build_loaders(job.data, job.prep, job.settings, job.ranks, events, stop)
-    step = _build_step(wrap_model(model, job.ranks, job.runtime.device), job, loaders)
+    step = build_step(model, job, loaders, job.ranks)
     views = split_training(step, job, loaders) if job.mode == "finetune" else None
     resuming = run.has_checkpoint
     state = restore_state(step, run / RunDir.CHECKPOINT) if resuming else RunState()
+    if resuming and job.ranks.is_main:
+        _record_resume(job, state)
     info(
         events,
         f"training {job.settings.model.model} ({job.mode}) on {len(loaders.train_dataset)} images, "
@@ -339,10 +361,6 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
         if job.ranks.is_main:
             run.update_run(status="failed", message=str(exc))
         raise TrainError(f"{exc}. The best model so far (epoch {state.best_epoch}) is kept in {run}.") from None
-    except torch.OutOfMemoryError:
-        raise TrainError(
-            f"out of memory with batch size {t.batch_size}; try --batch-size {max(1, t.batch_size // 2)}"
-        ) from None
     finally:
         if ctx["writer"] is not None:
             ctx["writer"].close()
@@ -369,6 +387,20 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
         elif status == "stopped":
             info(events, f"stopped with a checkpoint; continue with: imgclf train --resume {run}")
     return result
+
+
+def _record_resume(job: Job, state: RunState) -> None:
+    """run.json keeps a line per resumption: where it went on from, with how many processes, and
+    torchrun's restart count when torchrun restarted it."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    entry = {
+        "epoch": state.epoch + 1,
+        "step": state.progress.step if state.progress else 0,
+        "world_size": job.ranks.world_size,
+        "torchrun_restart": int(restart) if restart is not None else None,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    job.run.update_run(resumes=[*job.run.read_run().get("resumes", []), entry])
 
 
 def _finish_head(job: Job, model: nn.Module, fit: HeadFit, features: dict[str, SplitFeatures]) -> TrainResult:

@@ -4,6 +4,7 @@ from there. That is the one place where starting and resuming differ."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def prepare_job(
     model, pretrained = _create(settings, run_data.classes, with_pretrained=True)
     asked_mode = settings.train.mode  # auto may still become head when the time budget says so
     settings = _resolve(settings, model, pretrained, runtime, run_data, events)
+    settings = _resolve_lr(settings, ranks, events)
     prep = _preprocessing(model, settings, run_data, events, stop)
     source = str(Path(source).resolve())
     if ranks.is_main:
@@ -99,6 +101,8 @@ def prepare_job(
                 "preprocessing": prep.to_dict(),
                 "status": "running",
                 "asked_mode": asked_mode,
+                "world_size": ranks.world_size,
+                "global_batch": global_batch(settings, ranks),
             },
         )
     return Job(run, settings, run_data, prep, source, ranks, runtime), model
@@ -127,6 +131,7 @@ def load_job(
             f"(only the system settings, such as --device or --threads, may change)",
         )
     record = run.read_run()
+    settings = _keep_global_batch(settings, record, ranks, run, events)
     run_data = reload_data(run)
     runtime = _runtime(settings, ranks)
     # the checkpoint holds every weight; without one (stopped before the first), start from pretrained again
@@ -174,3 +179,56 @@ def _preprocessing(
     )
     mean, std = measure_mean_std([t for t in tensors if t is not None])
     return replace(decode_prep, mean=mean, std=std)
+
+
+def scaled_lr(lr_base: float, global_batch: int) -> float:
+    """timm's rule for adaptive optimisers (AdamW): the learning rate grows with the square root of
+    the global batch, from ``lr_base`` at 256 images (SGD would scale linearly)."""
+    return lr_base * math.sqrt(global_batch / 256)
+
+
+def global_batch(settings: Settings, ranks: Distributed) -> int:
+    """Images per optimisation step over all processes."""
+    return settings.train.batch_size * settings.train.accumulate * ranks.world_size
+
+
+def _resolve_lr(settings: Settings, ranks: Distributed, events: Events) -> Settings:
+    """lr 0 means lr_base scaled to this run's global batch (timm's square-root rule for AdamW);
+    the value used is what settings.json records, so a resumed run keeps it."""
+    t = settings.train
+    if t.lr:
+        return settings
+    batch = global_batch(settings, ranks)
+    lr = scaled_lr(t.lr_base, batch)
+    info(
+        events,
+        f"learning rate {lr:.3g}: lr_base {t.lr_base:g} x sqrt({batch} / 256), for a global batch of {batch} "
+        f"({t.batch_size} x {t.accumulate} micro-batches x {ranks.world_size} processes)",
+    )
+    return apply_overrides(settings, {"lr": lr})
+
+
+def _keep_global_batch(settings: Settings, record: dict, ranks: Distributed, run: RunDir, events: Events) -> Settings:
+    """Resumed with another number of processes, a run keeps its global batch (and with it its
+    learning rate and schedule) by accumulating more or fewer micro-batches."""
+    saved_world = int(record.get("world_size", 1))
+    if saved_world == ranks.world_size:
+        return settings
+    t = settings.train
+    wanted = int(record.get("global_batch", t.batch_size * t.accumulate * saved_world))
+    accumulate, rest = divmod(wanted, t.batch_size * ranks.world_size)
+    if rest or not accumulate:
+        raise TrainError(
+            f"{run}: this run's global batch of {wanted} images cannot be kept with {ranks.world_size} processes of "
+            f"batch size {t.batch_size}; resume it with a number of processes that divides {wanted // t.batch_size}"
+        )
+    info(
+        events,
+        f"{ranks.world_size} processes instead of {saved_world}: {accumulate} micro-batches per step keep "
+        f"the global batch of {wanted}",
+    )
+    settings = apply_overrides(settings, {"accumulate": accumulate})
+    if ranks.is_main:
+        run.write_json(RunDir.SETTINGS, settings.to_dict())
+        run.update_run(world_size=ranks.world_size)
+    return settings

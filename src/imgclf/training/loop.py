@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from imgclf.core.events import Events, StopToken, Tracker, info, skipped
 from imgclf.core.preprocessing import Preprocessing
 from imgclf.data.images import ImageError
 from imgclf.models.device import Runtime, model_input
+from imgclf.training.distributed import Distributed, agree
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,6 +55,22 @@ class TrainStep:
     # the batch -> logits function when the loader yields something else than images (split fine-tuning)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     reported: set = field(default_factory=set)  # bad files already named (once per run, not per epoch)
+    ranks: Distributed = field(default_factory=Distributed)
+    accumulate: int = 1  # micro-batches per optimisation step
+    seed: int = 0
+    scaler: torch.amp.GradScaler | None = None  # fp16 on GPUs without bf16
+
+
+@dataclass
+class EpochControl:
+    """How an epoch may end early and when it saves on the way: the stop token, the step limit,
+    and a mid-epoch checkpoint every ``checkpoint_s`` seconds (``save`` is called in every process)."""
+
+    stop: StopToken
+    max_steps: int = 0
+    global_step: int = 0
+    checkpoint_s: float = 0.0
+    save: Callable[[EpochProgress], None] | None = None
 
 
 def report_failures(failures: list[ImageError], events: Events, reported: set) -> None:
@@ -70,37 +88,49 @@ def _train_mode(step: TrainStep) -> None:
                 module.eval()
 
 
+def _micro_batches(loader, accumulate: int):
+    """The loader's batches grouped into optimisation steps: lists of ``accumulate`` micro-batches
+    (fewer in the one short step of a data set smaller than a global batch)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accumulate:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def train_one_epoch(
-    step: TrainStep,
-    loader,
-    progress: EpochProgress,
-    stop: StopToken,
-    epoch: int,
-    epochs: int,
-    events: Events,
-    max_steps: int = 0,
-    global_step: int = 0,
+    step: TrainStep, loader, progress: EpochProgress, control: EpochControl, epoch: int, epochs: int, events: Events
 ) -> tuple[EpochProgress, bool]:
     """Train over ``loader`` from ``progress.step`` on. Returns the totals and whether the epoch
-    ended early (the stop token was set or ``max_steps`` reached), always after a whole step."""
+    ended early (the stop token was set in any process, or ``max_steps`` reached), always after a
+    whole step and at the same step in every process."""
     _train_mode(step)
-    tracker = Tracker(events, "train", len(loader), unit="batch")
+    tracker = Tracker(events, "train", math.ceil(len(loader) / step.accumulate), unit="batch")
     tracker.detail = {"epoch": epoch + 1, "epochs": epochs}
-    started = time.perf_counter()
+    started = last_save = time.perf_counter()
     interrupted = False
-    for images, targets, failures in loader:
-        report_failures(failures, events, step.reported)
-        if images is not None:
-            _optimisation_step(step, images, targets, progress, epoch)
+    for group in _micro_batches(loader, step.accumulate):
+        for _, _, failures in group:
+            report_failures(failures, events, step.reported)
+        _optimisation_step(step, group, progress, epoch)
         progress.seconds += time.perf_counter() - started
         started = time.perf_counter()
         tracker.advance(
             loss=round(progress.loss_sum / max(progress.seen, 1), 4),
             images_per_s=round(progress.seen / max(progress.seconds, 1e-9), 1),
         )
-        if _stops_here(stop, epoch, events, tracker) or (max_steps and global_step + progress.step >= max_steps):
+        limit = control.max_steps and control.global_step + progress.step >= control.max_steps
+        due = bool(control.checkpoint_s and control.save and started - last_save >= control.checkpoint_s)
+        stop_now, save_now = agree([_stops_here(control.stop, epoch, events, tracker) or bool(limit), due], step.ranks)
+        if stop_now:
             interrupted = True
             break
+        if save_now:
+            control.save(progress)
+            last_save = started = time.perf_counter()  # the save is not training time
     if not interrupted:
         tracker.finish()
     return progress, interrupted
@@ -120,26 +150,55 @@ def _stops_here(stop: StopToken, epoch: int, events: Events, tracker: Tracker) -
     return True
 
 
-def _optimisation_step(
-    step: TrainStep, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress, epoch: int
-) -> None:
-    targets = targets.to(step.runtime.device, non_blocking=True)
-    with step.runtime.autocast():
-        logits = step.forward(images) if step.forward else step.model(model_input(images, step.runtime, step.prep))
-        loss = step.loss_fn(logits.float(), targets)
-    if not math.isfinite(loss.item()):
-        raise NonFiniteLossError(
-            f"loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1}; the model was not updated "
-            f"with it. Try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})"
-        )
+def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
+    """The dropout seed of one micro-batch, from its place in the global batch: the same in 1
+    process accumulating N micro-batches and in N processes, and again after a resume."""
+    return (seed * 1_000_003 + epoch * 7919 + step * 104_729 + micro * 15_485_863) & 0x7FFF_FFFF_FFFF
+
+
+def _optimisation_step(step: TrainStep, group: list, progress: EpochProgress, epoch: int) -> None:
+    """Forward and backward each micro-batch (DDP synchronises gradients on the last only), then
+    one optimiser step. Losses are divided by the micro-batch count, so the step's gradient is
+    the mean over the global batch, as DDP's average over processes makes it."""
+    world, rank = step.ranks.world_size, step.ranks.rank
+    batches = [(images, targets) for images, targets, _ in group if images is not None]
     step.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    step.optimizer.step()
+    for micro, (images, targets) in enumerate(batches):
+        torch.manual_seed(micro_seed(step.seed, epoch, progress.step, micro * world + rank))
+        targets = targets.to(step.runtime.device, non_blocking=True)
+        last = micro == len(batches) - 1
+        sync = step.model.no_sync() if step.ranks.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with step.runtime.autocast():
+                inputs = images if step.forward else model_input(images, step.runtime, step.prep)
+                logits = (step.forward or step.model)(inputs)
+                loss = step.loss_fn(logits.float(), targets)
+            _refuse_non_finite(loss, step, progress, epoch)
+            scaled = loss / len(batches)
+            (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        progress.seen += len(targets)
+        progress.loss_sum += loss.item() * len(targets)
+        progress.correct += int((logits.argmax(1) == targets).sum())
+    if batches:
+        if step.scaler:
+            step.scaler.step(step.optimizer)
+            step.scaler.update()
+        else:
+            step.optimizer.step()
     step.scheduler.step()
     progress.step += 1
-    progress.seen += len(targets)
-    progress.loss_sum += loss.item() * len(targets)
-    progress.correct += int((logits.argmax(1) == targets).sum())
+
+
+def _refuse_non_finite(loss: torch.Tensor, step: TrainStep, progress: EpochProgress, epoch: int) -> None:
+    """Stop before a NaN or infinite loss updates the model, in every process at once (a rank
+    that raised alone would leave the others waiting in DDP)."""
+    finite = math.isfinite(loss.item())
+    if agree([not finite], step.ranks)[0]:
+        raise NonFiniteLossError(
+            f"loss became {loss.item() if not finite else 'non-finite in another process'} at epoch {epoch + 1}, "
+            f"step {progress.step + 1}; the model was not updated with it. Try a lower --lr "
+            f"(now {step.optimizer.param_groups[0]['lr']:.2g})"
+        )
 
 
 @torch.no_grad()
