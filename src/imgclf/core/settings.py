@@ -190,7 +190,9 @@ class SystemSettings:
 
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     precision: str = setting(
-        "auto", "number format: auto picks bf16 where the CPU/GPU supports it", choices=("auto", "fp32", "bf16")
+        "auto",
+        "number format: auto picks bf16 where the CPU/GPU supports it (fp16 on GPUs without bf16)",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
     channels_last: str = setting("auto", "memory layout for convolutions", choices=("auto", "on", "off"))
     threads: int = setting(0, "CPU threads for PyTorch (0: leave PyTorch's default)", low=0)

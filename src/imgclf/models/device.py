@@ -30,7 +30,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def describe(self) -> str:
-        precision = "bf16 autocast" if self.dtype == torch.bfloat16 else "fp32"
+        precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(self.dtype, "fp32")
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{self.device}, {precision}, {layout}, {torch.get_num_threads()} threads"
 
@@ -84,7 +84,10 @@ def resolve_runtime(
     layout = channels_last == "on" or (
         channels_last == "auto" and (torch_device.type == "cuda" or "avx512f" in cpu_flags() or use_bf16)
     )
-    return Runtime(torch_device, torch.bfloat16 if use_bf16 else None, layout)
+    dtype = torch.bfloat16 if use_bf16 else None
+    if torch_device.type == "cuda" and (precision == "fp16" or (precision == "auto" and not use_bf16)):
+        dtype = torch.float16  # GPUs before Ampere: half precision, training with a gradient scaler
+    return Runtime(torch_device, dtype, layout)
 
 
 def model_input(batch: torch.Tensor, runtime: Runtime, prep: Preprocessing) -> torch.Tensor:
