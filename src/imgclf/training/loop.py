@@ -59,6 +59,10 @@ class TrainStep:
     accumulate: int = 1  # micro-batches per optimisation step
     seed: int = 0
     scaler: torch.amp.GradScaler | None = None  # fp16 on GPUs without bf16
+    # steps between reading the loss and accuracy off the device: every step on a CPU (free, and a
+    # NaN is caught before it updates the model); on a GPU each read waits for the queued work
+    read_every: int = 1
+    pending: list = field(default_factory=list)  # (loss sum, correct, images) not read yet
 
 
 @dataclass
@@ -125,12 +129,15 @@ def train_one_epoch(
         limit = control.max_steps and control.global_step + progress.step >= control.max_steps
         due = bool(control.checkpoint_s and control.save and started - last_save >= control.checkpoint_s)
         stop_now, save_now = agree([_stops_here(control.stop, epoch, events, tracker) or bool(limit), due], step.ranks)
+        if stop_now or save_now:
+            read_totals(step, progress, epoch)  # a checkpoint holds the totals so far
         if stop_now:
             interrupted = True
             break
         if save_now:
             control.save(progress)
             last_save = started = time.perf_counter()  # the save is not training time
+    read_totals(step, progress, epoch)
     if not interrupted:
         tracker.finish()
     return progress, interrupted
@@ -173,12 +180,11 @@ def _optimisation_step(step: TrainStep, group: list, progress: EpochProgress, ep
                 inputs = images if step.forward else model_input(images, step.runtime, step.prep)
                 logits = (step.forward or step.model)(inputs)
                 loss = step.loss_fn(logits.float(), targets)
-            _refuse_non_finite(loss, step, progress, epoch)
+            if step.read_every == 1:
+                _refuse_non_finite(loss, step, progress, epoch)
             scaled = loss / len(batches)
             (step.scaler.scale(scaled) if step.scaler else scaled).backward()
-        progress.seen += len(targets)
-        progress.loss_sum += loss.item() * len(targets)
-        progress.correct += int((logits.argmax(1) == targets).sum())
+        step.pending.append((loss.detach() * len(targets), (logits.argmax(1) == targets).sum(), len(targets)))
     if batches:
         if step.scaler:
             step.scaler.step(step.optimizer)
@@ -187,6 +193,26 @@ def _optimisation_step(step: TrainStep, group: list, progress: EpochProgress, ep
             step.optimizer.step()
     step.scheduler.step()
     progress.step += 1
+    if progress.step % step.read_every == 0:
+        read_totals(step, progress, epoch)
+
+
+def read_totals(step: TrainStep, progress: EpochProgress, epoch: int) -> None:
+    """Add the steps' losses and hits not read yet to the epoch's totals (one wait for the
+    device). Read lazily, a non-finite loss is found after it has updated the model: said so."""
+    if not step.pending:
+        return
+    losses, hits, images = zip(*step.pending)
+    step.pending.clear()
+    loss_sum = float(torch.stack(losses).sum())
+    if agree([not math.isfinite(loss_sum)], step.ranks)[0]:
+        raise NonFiniteLossError(
+            f"loss became non-finite at epoch {epoch + 1}, within the {step.read_every} steps up to {progress.step}; "
+            f"try a lower --lr (now {step.optimizer.param_groups[0]['lr']:.2g})"
+        )
+    progress.loss_sum += loss_sum
+    progress.correct += int(torch.stack(hits).sum())
+    progress.seen += sum(images)
 
 
 def _refuse_non_finite(loss: torch.Tensor, step: TrainStep, progress: EpochProgress, epoch: int) -> None:

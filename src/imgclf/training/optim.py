@@ -17,6 +17,7 @@ from imgclf.training.job import Job
 from imgclf.training.loop import TrainStep
 from imgclf.training.transfer import use_class_weights
 
+GPU_READ_EVERY = 25  # steps between reads of the loss off a GPU (a read waits for its queue to drain)
 COMPILE_MIN_STEPS = 2000  # torch.compile's minute or two of compiling pays back over this many GPU steps
 
 
@@ -92,4 +93,5 @@ def build_step(model: nn.Module, job: Job, loaders: Loaders, ranks: Distributed)
         accumulate=settings.train.accumulate,
         seed=settings.train.seed,
         scaler=scaler,
+        read_every=GPU_READ_EVERY if job.runtime.device.type == "cuda" else 1,
     )
