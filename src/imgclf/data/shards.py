@@ -14,7 +14,6 @@ uninterrupted one. The layout is in docs/shards.md; the reader in :mod:`imgclf.d
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -46,7 +45,7 @@ from imgclf.data.sources.shards import (
     read_index,
     shard_name,
 )
-from imgclf.data.split import assign_splits
+from imgclf.data.split import assign_splits, keep_copies_together
 
 __all__ = ["ShardSummary", "write_shards", "plan_shards", "parse_part"]
 
@@ -100,24 +99,6 @@ def parse_part(text: str) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-def _keep_copies_together(samples: list[Sample], given: list[Sample], duplicates: list[dict]) -> list[Sample]:
-    """Copies of one photo under one label go to the split of the copy whose name sorts first, as
-    a training does (training.data_setup.keep_copies_together, which the data layer may not
-    import): the shards must carry the splits a training on the source would use."""
-    index = {sample.ref: i for i, sample in enumerate(samples)}
-    movable = {sample.ref for sample in given if not sample.split}
-    samples = list(samples)
-    for group in duplicates:
-        if group["kind"] != "within_class":
-            continue
-        members = sorted((samples[index[ref]].name, index[ref]) for ref in group["paths"] if ref in index)
-        target = samples[members[0][1]].split if members else None
-        for _, i in members:
-            if samples[i].split != target and samples[i].ref in movable:
-                samples[i] = dataclasses.replace(samples[i], split=target)
-    return samples
-
-
 def _relative(path: str, root: str) -> str:
     """A problem's path under the source, so the same data mounted elsewhere gives the same stats."""
     prefix = root.rstrip("/") + "/"
@@ -131,7 +112,7 @@ def plan_shards(source: str | Path, settings: Settings, events: Events, stop: St
     for problem in report.problems:
         skipped(events, problem["path"], problem["reason"])
     samples = assign_splits(report.usable, settings.data.val_fraction, settings.data.test_fraction)
-    samples = _keep_copies_together(samples, report.usable, report.duplicates)
+    samples = keep_copies_together(samples, report.usable, report.duplicates)
     # the audit has just hashed every sample: these come from its cache
     hashes = content_hashes(samples, settings.data, result.root, settings.system.max_pixels, stop)
     classes = sorted({s.label for s in samples})

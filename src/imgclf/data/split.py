@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from imgclf.core.atomic import atomic_write
+from imgclf.core.events import Events, ignore, info
 from imgclf.data.sources import Sample
 
 SPLITS = ("train", "val", "test")
@@ -143,4 +144,31 @@ def read_split_csv(path: str | Path) -> list[Sample]:
         if "index" in r and int(r["index"] or -1) >= 0:
             kind, member = "idx", r["index"]
         samples.append(Sample(r["path"], r["label"], r["split"], "", member, kind))
+    return samples
+
+
+def keep_copies_together(
+    samples: list[Sample], given: list[Sample], duplicates: list[dict], events: Events = ignore
+) -> list[Sample]:
+    """Copies of one photo under one label all go to one split (the split of the copy whose name
+    sorts first), so that the automatic split never puts a photo in training and its copy in the
+    test (leakage: a flattering test score). Splits the data named itself are never moved; copies
+    those leave across splits were reported by the audit."""
+    index = {sample.ref: i for i, sample in enumerate(samples)}
+    movable = {sample.ref for sample in given if not sample.split}
+    samples, moved, groups = list(samples), 0, 0
+    for group in duplicates:
+        if group["kind"] != "within_class":
+            continue
+        members = sorted((samples[index[ref]].name, index[ref]) for ref in group["paths"] if ref in index)
+        if len({samples[i].split for _, i in members}) < 2:
+            continue
+        target = samples[members[0][1]].split
+        groups += 1
+        for _, i in members:
+            if samples[i].split != target and samples[i].ref in movable:
+                samples[i] = dataclasses.replace(samples[i], split=target)
+                moved += 1
+    if moved:
+        info(events, f"{moved} copies of {groups} photo(s) kept in the split of their first copy (no leakage)")
     return samples

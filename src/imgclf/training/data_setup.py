@@ -3,7 +3,6 @@ decode images into memory caches and build the loaders."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +19,13 @@ from imgclf.core.settings import Settings
 from imgclf.data.audit import audit, summary_line
 from imgclf.data.dataset import EpochSampler, ImageDataset, ShareSampler, collate_skip_bad, decode_all
 from imgclf.data.sources import Sample, scan
-from imgclf.data.split import assign_splits, limit_per_class, read_split_csv, write_split_csv
+from imgclf.data.split import (
+    assign_splits,
+    keep_copies_together,
+    limit_per_class,
+    read_split_csv,
+    write_split_csv,
+)
 from imgclf.data.transforms import eval_tensor, train_augmentation, train_cache_tensor
 from imgclf.training.distributed import Distributed, per_node
 
@@ -69,31 +74,6 @@ def validate_for_training(samples: list[Sample], problems: list[dict] = ()) -> l
     if missing:
         raise DataError(f"classes with no training image: {', '.join(missing)}")
     return sorted(counts)
-
-
-def keep_copies_together(samples: list[Sample], given: list[Sample], duplicates: list[dict], events) -> list[Sample]:
-    """Copies of one photo under one label all go to one split (the split of the copy whose name
-    sorts first), so that the automatic split never puts a photo in training and its copy in the
-    test (leakage: a flattering test score). Splits the data named itself are never moved; copies
-    those leave across splits were reported by the audit."""
-    index = {sample.ref: i for i, sample in enumerate(samples)}
-    movable = {sample.ref for sample in given if not sample.split}
-    samples, moved, groups = list(samples), 0, 0
-    for group in duplicates:
-        if group["kind"] != "within_class":
-            continue
-        members = sorted((samples[index[ref]].name, index[ref]) for ref in group["paths"] if ref in index)
-        if len({samples[i].split for _, i in members}) < 2:
-            continue
-        target = samples[members[0][1]].split
-        groups += 1
-        for _, i in members:
-            if samples[i].split != target and samples[i].ref in movable:
-                samples[i] = dataclasses.replace(samples[i], split=target)
-                moved += 1
-    if moved:
-        info(events, f"{moved} copies of {groups} photo(s) kept in the split of their first copy (no leakage)")
-    return samples
 
 
 def _check_held_out(samples: list[Sample], events: Events) -> None:
