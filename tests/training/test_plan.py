@@ -106,38 +106,3 @@ def test_a_run_stops_at_its_budget_is_evaluated_and_resumes_with_a_larger_one(di
     monkeypatch.setattr(plan_module, "measure", real)
     resumed = api.train(None, out, {"time_budget": "0"}, resume=True)
     assert resumed.status == "finished" and resumed.epochs_done == planned
-
-
-def test_a_budget_stop_before_any_epoch_resumes(digits_dir, tmp_path):
-    from tests.conftest import write_manifest
-
-    manifest = write_manifest(digits_dir, tmp_path / "m.csv", per_class=30)
-    out = tmp_path / "run"
-    settings = {"model": "cnn1", "image_size": 16, "epochs": 3, "patience": 0, "time_budget": "0.01s"}
-    first = api.train(manifest, out, settings)
-    assert first.status == "stopped" and first.reason == "time budget"
-    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
-    resumed = api.train(None, out, {"time_budget": "none"}, resume=True)
-    assert resumed.status == "finished" and resumed.metrics["n"] > 0
-
-
-def test_a_budget_that_runs_out_in_the_first_epoch_lets_it_end_but_ctrl_c_does_not():
-    """A run stopped by its time budget always keeps a model: the first epoch ends even when the
-    budget ran out inside it (said once); a stop from the user ends it at once, and later epochs
-    end at the budget."""
-    from imgclf.core.events import Message, StopToken, Tracker
-    from imgclf.training.loop import _stops_here
-
-    said = []
-    budget = StopToken()
-    budget.set("time budget")
-    tracker = Tracker(said.append, "train", 10)
-    assert not _stops_here(budget, 0, said.append, tracker) and not _stops_here(budget, 0, said.append, tracker)
-    assert [e.text for e in said if isinstance(e, Message)] == [
-        "the time budget ran out in the first epoch; finishing it, so that the run has a model"
-    ]
-    assert _stops_here(budget, 1, said.append, tracker)
-    user = StopToken()
-    user.set("SIGINT received")
-    assert _stops_here(user.child(), 0, said.append, tracker)
-    assert not _stops_here(StopToken(), 0, said.append, tracker)

@@ -101,3 +101,18 @@ class Stopped(Exception):
     def __init__(self, reason: str = "stop requested"):
         super().__init__(reason)
         self.reason = reason
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation, on a GPU (torch.OutOfMemoryError, known here by name: core imports no
+    torch) or in the CPU's memory (PyTorch's allocator raises a plain RuntimeError; Python a
+    MemoryError), in training, evaluation or prediction alike."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
+
+
+def last_line(exc: BaseException) -> str:
+    """The line that says what failed (PyTorch's allocator puts it last)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]

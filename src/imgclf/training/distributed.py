@@ -22,6 +22,7 @@ from imgclf.core.errors import Stopped, TrainError
 # rank 0 may scan, audit and plan for hours on a million photos before the others can start
 _PREPARE_TIMEOUT = datetime.timedelta(hours=24)
 _long_group = None  # a gloo group with that timeout, for the one wait on rank 0's preparation
+_own_group = False  # made here (torchrun), not by Ray Train: this process tears it down at the end
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Distributed:
 def init_distributed() -> Distributed:
     """Join the process group when launched by torchrun (or Ray, which sets the same variables);
     a single process otherwise."""
-    global _long_group
+    global _long_group, _own_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
@@ -53,10 +54,45 @@ def init_distributed() -> Distributed:
     if not dist.is_initialized():  # Ray Train has made the group already
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        store = _store_of_this_attempt(world_size)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        _own_group = True
     if _long_group is None:
         _long_group = dist.new_group(backend="gloo", timeout=_PREPARE_TIMEOUT)
     return Distributed(rank, local_rank, world_size, local_world)
+
+
+def _store_of_this_attempt(world_size: int):
+    """torchrun's agent keeps one key-value store for all its attempts (pytorch#135712), so when it
+    restarts the processes after a crash the dead attempt's keys are still there and a process can
+    read a dead peer's address ("Connection refused" in gloo's connectFullMesh). On one node every
+    process has the agent's restart count, so keys prefixed with it belong to this attempt alone;
+    across nodes the counts may differ (docs/scale.md: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        return None
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"imgclf/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", shared)
+
+
+def leave_distributed(info: Distributed) -> None:
+    """The end of a run that every process reached: wait for all (rank 0 may still be evaluating
+    and writing), then close the group, so no process exits while a peer still talks to it."""
+    global _long_group, _own_group
+    if not (info.enabled and _own_group and dist.is_initialized()):
+        return
+    dist.barrier(group=_long_group)
+    dist.destroy_process_group()
+    _long_group, _own_group = None, False
 
 
 def is_main_process() -> bool:

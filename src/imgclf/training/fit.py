@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from imgclf.bundle import save_bundle
-from imgclf.core.errors import Stopped, TrainError
+from imgclf.core.errors import Stopped, TrainError, last_line, out_of_memory
 from imgclf.core.events import EpochEnd, Events, StopToken, channel, ignore, info, stop_token
-from imgclf.core.meta import LEVEL_SEP
+from imgclf.core.meta import LEVEL_SEP, META
 from imgclf.core.rundir import RunDir
 from imgclf.core.settings import Settings, as_settings, asked_settings
 from imgclf.models.factory import freeze_early_layers
 from imgclf.models.heads import head_info, install_saved_head
+from imgclf.training.budget import BudgetStop
 from imgclf.training.checkpoint import save_checkpoint
 from imgclf.training.data_setup import Loaders, build_loaders
 from imgclf.training.distributed import (
@@ -32,6 +33,7 @@ from imgclf.training.distributed import (
     average_batch_norm,
     gather_to_main,
     init_distributed,
+    leave_distributed,
     run_on_main,
     share_from_main,
     sum_over_ranks,
@@ -95,7 +97,9 @@ def train(
     holder = run.lock(120.0 if resume else 0.0) if ranks.is_main else contextlib.nullcontext()
     try:
         with holder:
-            return _train(source, run, settings, events, stop_token(stop).child(), resume, started, ranks)
+            result = _train(source, run, settings, events, stop_token(stop).child(), resume, started, ranks)
+        leave_distributed(ranks)
+        return result
     except TimeoutError as exc:
         raise TrainError(f"{exc}; wait for it to end, or train into another --out") from None
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -105,24 +109,9 @@ def train(
         batch = saved.get("batch_size", 0) if resume else as_settings(settings).train.batch_size
         smaller = f"try --batch-size {max(1, batch // 2)}" if batch else "try a smaller --batch-size"
         raise TrainError(
-            f"out of memory ({_last_line(exc)}); {smaller}, a smaller --image-size, or close other programs; "
+            f"out of memory ({last_line(exc)}); {smaller}, a smaller --image-size, or close other programs; "
             f"a run that had started continues with: imgclf train --resume {out}"
         ) from None
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A failed allocation, on a GPU (torch.OutOfMemoryError) or in the CPU's memory (PyTorch's
-    allocator raises a plain RuntimeError; Python a MemoryError), anywhere in a run: feature
-    extraction, planning and evaluation as well as the epochs."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc)
-    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
-
-
-def _last_line(exc: BaseException) -> str:
-    """The line that says what failed (PyTorch's allocator puts it last)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
 
 
 def _train(
@@ -138,7 +127,7 @@ def _train(
             if job.mode == "head":
                 return _finish_head(job, model, *fitted) if ranks.is_main else TrainResult(str(out), "finished", 1, 1)
             install_saved_head(model, run.read_run())  # the other processes' heads take its shape; DDP its weights
-        return _train_layers(job, model, events, stop)
+        return _train_layers(job, model, events, stop, timer)
     except Stopped as exc:
         if ranks.is_main and run.is_run:
             run.update_run(status="stopped")
@@ -181,13 +170,15 @@ def _fit_head(job: Job, model: nn.Module, events: Events, stop: StopToken):
     return fit, features
 
 
-def _budget_timer(job: Job, stop: StopToken, started: float):
-    """Set the run's stop token when the time budget, less the evaluation still to come, is spent."""
+def _budget_timer(job: Job, stop: StopToken, started: float) -> BudgetStop | None:
+    """Set the run's stop token when the time budget, less the evaluation still to come, is spent
+    (deferred until the run has a first model: training/budget.py)."""
     budget = budget_seconds(job.settings.system.time_budget, job.runtime)
     if not budget:
         return None
     reserve = job.run.read_run().get("plan", {}).get("stages", {}).get("evaluate", 0.0)
-    return stop.set_after(started + budget - reserve - time.monotonic(), "time budget")
+    has_model = (job.run.path / META).exists()
+    return BudgetStop(stop, started + budget - reserve - time.monotonic(), has_model)
 
 
 def _bundle_meta(job: Job, model: nn.Module, row: dict) -> dict:
@@ -272,6 +263,9 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
             save_bundle(job.run.path, unwrap(step.model), _bundle_meta(job, step.model, row))
     else:
         state.bad_epochs += 1
+    over = ctx["budget"].model_made() if ctx["budget"] is not None else None
+    if over is not None:
+        info(ctx["events"], f"the time budget ran out {over:.0f} s before the first model was ready; training ends with it")
     state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
     epochs = loop_epochs(job.settings)
     _save_checkpoint(step, state, job)
@@ -322,7 +316,7 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
     return "finished"
 
 
-def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -> TrainResult:
+def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken, budget=None) -> TrainResult:
     """Train the network's layers epoch by epoch (full or finetune mode), from the checkpoint when
     there is one."""
     from torch.utils.tensorboard import SummaryWriter  # TensorBoard's import is slow; only training needs it
@@ -351,6 +345,7 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken) -
         "events": events,
         "stop": stop,
         "views": views,
+        "budget": budget,
         "reserve": run.read_run().get("plan", {}).get("stages", {}).get("evaluate", 0.0),
         "writer": SummaryWriter(str(run / RunDir.TENSORBOARD)) if job.ranks.is_main else None,
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from imgclf.core.events import Events, StopToken, Tracker, info, skipped
+from imgclf.core.events import Events, StopToken, Tracker, skipped
 from imgclf.core.preprocessing import Preprocessing
 from imgclf.data.images import ImageError
 from imgclf.models.device import Runtime, model_input
@@ -128,7 +128,7 @@ def train_one_epoch(
         )
         limit = control.max_steps and control.global_step + progress.step >= control.max_steps
         due = bool(control.checkpoint_s and control.save and started - last_save >= control.checkpoint_s)
-        stop_now, save_now = agree([_stops_here(control.stop, epoch, events, tracker) or bool(limit), due], step.ranks)
+        stop_now, save_now = agree([control.stop.is_set() or bool(limit), due], step.ranks)
         if stop_now or save_now:
             read_totals(step, progress, epoch)  # a checkpoint holds the totals so far
         if stop_now:
@@ -141,20 +141,6 @@ def train_one_epoch(
     if not interrupted:
         tracker.finish()
     return progress, interrupted
-
-
-def _stops_here(stop: StopToken, epoch: int, events: Events, tracker: Tracker) -> bool:
-    """Whether to end the epoch now. A time budget that runs out in the very first epoch lets it
-    end, so that a run stopped by its budget always keeps a model (said once); any other stop
-    (Ctrl-C, a cancel) ends it at once."""
-    if not stop.is_set():
-        return False
-    if stop.reason == "time budget" and epoch == 0:
-        if not getattr(tracker, "said_over_budget", False):
-            tracker.said_over_budget = True
-            info(events, "the time budget ran out in the first epoch; finishing it, so that the run has a model")
-        return False
-    return True
 
 
 def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:

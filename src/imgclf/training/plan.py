@@ -4,7 +4,8 @@ Each candidate plan (fine-tune for N epochs, head on augmented views, head alone
 scratch) gets a predicted time per stage from the measured speeds and the run's own counts; the
 most accurate one that fits the budget is taken. The log and a :class:`~imgclf.core.events.Plan`
 event say which, why, the speeds and the predicted time, before the work starts. A run that runs
-over still stops at the budget (see ``fit``), with its best checkpoint.
+over still stops at the budget, with its best checkpoint, but never before its first model
+(``budget.py``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def _why(chosen: Candidate, total: float, budget: float, plans: list[Candidate])
     if not budget:
         return "no time budget: the most accurate plan"
     if total > budget:
-        return f"no plan fits the {budget / 60:.1f} min budget; this is the quickest"
+        return f"no plan fits the {budget / 60:.1f} min budget; this is the quickest (it runs over to its first model)"
     if chosen == plans[0]:
         return f"the most accurate plan, and it fits the {budget / 60:.1f} min budget"
     return f"the most accurate plan that fits the {budget / 60:.1f} min budget"
