@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -272,3 +273,59 @@ def test_a_head_on_features_that_are_not_finite_is_refused_with_the_reason():
     x[3, 5] = float("nan")
     with pytest.raises(TrainError, match="1 of 40 training feature vectors are not finite.*--precision fp32"):
         fit_head(x, y, x[:2] * 0, y[:2], 2)
+
+
+# a training whose third checkpoint write stops half-written (the real file, truncated to half)
+# and waits to be killed there: SIGKILL inside a real write, not a simulated failure
+_KILLED_IN_WRITE = """
+import os, sys, time
+from imgclf.training import checkpoint
+real, count = checkpoint.save_file, [0]
+
+def half_written(tensors, temp, metadata=None):
+    count[0] += 1
+    real(tensors, temp, metadata=metadata)
+    if count[0] == 3:
+        os.truncate(temp, os.path.getsize(temp) // 2)
+        open(sys.argv[1], "w").write(temp)
+        time.sleep(600)
+
+checkpoint.save_file = half_written
+from imgclf.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_checkpoint_write_keeps_the_last_whole_one_and_resumes_exactly(
+    manifest, reference_run, tmp_path
+):
+    """BAD_INPUTS case 19: the process dies in the middle of writing the epoch-3 checkpoint; the
+    epoch-2 checkpoint is whole, the half-written file is a temporary one beside it (never the
+    checkpoint), the next training removes it and ends with the uninterrupted run's weights."""
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    cmd = [sys.executable, "-c", _KILLED_IN_WRITE, str(marker), *_train_cmd(manifest, out)[3:]]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the third checkpoint was not written in time"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    half = Path(marker.read_text())
+    assert half.exists() and half.parent == out and half.name.endswith(".tmp")
+    from imgclf.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoint.safetensors")["epoch"] == 2  # the one before, whole
+    # the next training removes temporary files older than a minute (a younger one may be a report
+    # that an evaluate beside it is writing): as if the restart came two minutes later
+    os.utime(half, (time.time() - 120, time.time() - 120))
+    resumed = subprocess.run(_resume_cmd(out), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch 3" in resumed.stderr
+    assert not half.exists() and not list(out.rglob("*.tmp"))
+    _assert_same_weights(reference_run / "model.safetensors", out / "model.safetensors")

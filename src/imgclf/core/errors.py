@@ -9,6 +9,8 @@ caught those still works.
 
 from __future__ import annotations
 
+import contextlib
+
 
 class ImgclfError(Exception):
     """A problem with the user's input, files, settings or machine, with what to do about it."""
@@ -94,6 +96,13 @@ class OutputError(ImgclfError, OSError):
     code = "output_error"
 
 
+class MemoryLimitError(ImgclfError, MemoryError):
+    """A batch of images did not fit in memory (the GPU's or the CPU's) outside a training:
+    evaluate, predict, embed, on PyTorch, ONNX Runtime or OpenVINO; says which batch size to try."""
+
+    code = "out_of_memory"
+
+
 class Stopped(Exception):
     """A stop token was set: the step in progress ended cleanly. Not an error (exit status 3);
     what was done is kept and a run continues with ``--resume``."""
@@ -109,10 +118,28 @@ def out_of_memory(exc: BaseException) -> bool:
     MemoryError), in training, evaluation or prediction alike."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
-    text = str(exc)
-    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
+    text = str(exc).lower()  # PyTorch's CPU allocator, CUDA, ONNX Runtime's arena, OpenVINO
+    return any(
+        words in text for words in ("can't allocate memory", "not enough memory", "out of memory", "failed to allocate")
+    )
 
 
 def last_line(exc: BaseException) -> str:
     """The line that says what failed (PyTorch's allocator puts it last)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+
+
+@contextlib.contextmanager
+def batch_memory(batch_size: int, what: str = "running the model"):
+    """Turn a failed allocation inside the block into a :class:`MemoryLimitError` that says what
+    to change; any other error passes through."""
+    try:
+        yield
+    except Exception as exc:  # ONNX Runtime's errors derive from Exception alone
+        if isinstance(exc, ImgclfError) or not out_of_memory(exc):
+            raise
+        raise MemoryLimitError(
+            f"out of memory {what} on a batch of {batch_size} images ({last_line(exc)}); "
+            f"try --predict-batch-size {max(1, batch_size // 2)} (predict_batch_size in Python), "
+            "a smaller model, or close other programs"
+        ) from None

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from imgclf.core.errors import ImageError
+from imgclf.core.errors import ImageError, batch_memory
 from imgclf.core.events import Events, StopToken, Tracker, channel, ignore, info, skipped, stop_token
 from imgclf.core.rundir import RunDir
 from imgclf.data.dataset import open_for, prefetch_batches
@@ -56,7 +56,7 @@ def embed_samples(
     with torch.no_grad():
         for chunk, good, batch in prefetch_batches(len(samples), load_one, clf.batch_size):
             if batch is not None:
-                with clf.runtime.autocast():
+                with batch_memory(len(batch), "embedding"), clf.runtime.autocast():
                     x = model_input(batch, clf.runtime, prep)
                     vectors.append(pooled_features(clf.model, x).float().cpu().numpy())
                 kept += good

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.core.errors import BackendError, BundleError
+from imgclf.core.errors import BackendError, BundleError, batch_memory
 from imgclf.core.meta import preprocessing, read_meta
 from imgclf.core.numeric import softmax
 from imgclf.core.settings import PREDICT_BATCH_SIZE
@@ -142,7 +142,8 @@ class OnnxClassifier(BasePredictor):
         return normalize(self._pixels(item), self.mean, self.std)
 
     def _logits(self, batch: np.ndarray, session=None) -> np.ndarray:
-        return (session or self.session).run(None, {self.input_name: batch})[0]
+        with batch_memory(len(batch)):
+            return (session or self.session).run(None, {self.input_name: batch})[0]
 
     def _proba_of_batch(self, batch: np.ndarray, session=None) -> np.ndarray:
         return softmax(self._logits(batch, session), self.temperature).astype(np.float32)
@@ -186,7 +187,8 @@ class OpenVinoClassifier(OnnxClassifier):
         self.request = compile_openvino(path, self.precision, threads)
 
     def _logits(self, batch: np.ndarray, session=None) -> np.ndarray:
-        return self.request.infer({0: batch})[0].copy()
+        with batch_memory(len(batch)):
+            return self.request.infer({0: batch})[0].copy()
 
     def _batch_runner(self, batches: int):
         return 1, self._proba_of_batch  # one inference request, on every core

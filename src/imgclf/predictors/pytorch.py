@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from imgclf.bundle import Bundle, load_bundle
+from imgclf.core.errors import batch_memory
 from imgclf.core.settings import PREDICT_BATCH_SIZE
 from imgclf.data.images import DEFAULT_MAX_PIXELS
 from imgclf.models.device import model_input, resolve_runtime
@@ -49,9 +50,9 @@ class Classifier(BasePredictor):
     @torch.no_grad()
     def logits_of_batch(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 NCHW batch -> raw logits (float32), before any temperature."""
-        with self.runtime.autocast():
+        with batch_memory(len(batch)), self.runtime.autocast():
             logits = self.model(model_input(batch, self.runtime, self.preprocessing))
-        return logits.float().cpu().numpy()
+            return logits.float().cpu().numpy()
 
     def _proba_of_batch(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 NCHW batch -> probabilities (temperature-scaled when the bundle has one)."""

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgclf.core.errors import ImgclfError
+from imgclf.core.errors import ImgclfError, MemoryLimitError
 from imgclf.serve import catalog, inference, nanonets, training, urls
 from imgclf.serve.database import DatabaseError
 from imgclf.serve.http import ERROR_RESPONSES, BodyLimit, Limits, ServiceError, error_body
@@ -30,6 +30,8 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImgclfError)
     async def library_error(request: Request, exc: ImgclfError):
+        if isinstance(exc, MemoryLimitError):  # the server's condition, not the request's fault
+            return JSONResponse(error_body(exc.code, str(exc)), 503, headers={"Retry-After": "5"})
         return JSONResponse(error_body(exc.code, str(exc)), 422)
 
     @app.exception_handler(DatabaseError)

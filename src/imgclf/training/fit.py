@@ -132,6 +132,12 @@ def _train(
         if ranks.is_main and run.is_run:
             run.update_run(status="stopped")
             info(events, f"stopped ({exc.reason}); continue with: imgclf train --resume {out}")
+        elif ranks.is_main:  # stopped in the scan or the check, before run.json
+            info(
+                events,
+                f"stopped ({exc.reason}) before the run was set up in {out}: nothing to resume; the same "
+                "command starts it again (or add --resume auto), and the files checked so far are not checked again",
+            )
         return TrainResult(str(out), "stopped", 0, 0, reason=exc.reason)
     finally:
         if timer is not None:
@@ -265,7 +271,10 @@ def _end_of_epoch(step: TrainStep, loaders: Loaders, state: RunState, progress: 
         state.bad_epochs += 1
     over = ctx["budget"].model_made() if ctx["budget"] is not None else None
     if over is not None:
-        info(ctx["events"], f"the time budget ran out {over:.0f} s before the first model was ready; training ends with it")
+        info(
+            ctx["events"],
+            f"the time budget ran out {over:.0f} s before the first model was ready; training ends with it",
+        )
     state.epoch, state.global_step, state.progress = state.epoch + 1, state.global_step + progress.step, None
     epochs = loop_epochs(job.settings)
     _save_checkpoint(step, state, job)
