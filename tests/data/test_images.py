@@ -715,3 +715,53 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path):
     with pytest.raises(ImageError, match=r"too many JPEG scans \(20\d\d, over 500\): decoding could take minutes"):
         load_image(slow)
     assert time.perf_counter() - started < 1.0
+
+
+def _many_scan_jpeg(tmp_path, height: int, width: int, scans: int, seed: int = 3) -> Path:
+    """A progressive JPEG of random pixels whose last scan is repeated (each copy is decoded again)."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    path = tmp_path / f"scans-{scans}.jpg"
+    path.write_bytes(data[:last] + data[last:-2] * (scans - data.count(b"\xff\xda") + 1) + b"\xff\xd9")
+    return path
+
+
+def test_a_decode_past_the_time_limit_is_stopped_and_named(tmp_path, monkeypatch):
+    """BAD_INPUTS case 50 with a timer: 100 full scans of a 4-megapixel photo take about 2 s to
+    decode here; with the limit at 0.5 s the decoding process is killed at 0.5 s and the file
+    named with the reason."""
+    import imgclf.data.images as images
+
+    slow = _many_scan_jpeg(tmp_path, 2000, 2000, 100)
+    monkeypatch.setattr(images, "DECODE_LIMIT_S", 0.5)
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"scans-100\.jpg: decoding took over 0\.5 s: stopped"):
+        load_image(slow)
+    assert time.perf_counter() - started < 1.5
+
+
+def test_a_tiff_or_a_many_scan_jpeg_decoded_in_a_child_is_the_same_image(tmp_path):
+    """Those decodes run in a child process (killed past the limit): the pixels, the EXIF
+    rotation, the reason of a damaged file are what the decode in this process gives."""
+    import imgclf.data.images as images
+
+    rng = np.random.default_rng(5)
+    tiff = tmp_path / "photo.tif"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: stored 60x40, seen 40x60
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tiff, "TIFF", exif=exif)
+    jpeg = _many_scan_jpeg(tmp_path, 48, 64, 30)
+    for path in (tiff, jpeg):
+        guarded = load_image(path)
+        direct = images._decoded(Image.open(path), str(path), None)
+        assert guarded.size == direct.size and np.array_equal(np.asarray(guarded), np.asarray(direct))
+    assert load_image(tiff).size == (40, 60)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(tiff.read_bytes()[: tiff.stat().st_size // 2])
+    with pytest.raises(ImageError) as raised:
+        load_image(cut)
+    reason = raised.value.reason
+    assert raised.value.path == str(cut) and ("truncated" in reason or "cannot decode" in reason), reason

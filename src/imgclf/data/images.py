@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import select
+import signal
 import stat
+import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -39,6 +43,11 @@ MAX_FILE_BYTES = 512 * 2**20
 # A progressive JPEG has about ten scans; libjpeg-turbo's own guard (tjLimitScans) stops at 500.
 # (0xFF 0xDA marks a scan: inside compressed data a 0xFF is always followed by 0x00 or a restart.)
 MAX_JPEG_SCANS = 500
+# A TIFF, or a JPEG of more scans than this (an ordinary progressive one has about ten), is
+# decoded in a child process stopped after DECODE_LIMIT_S (BAD_INPUTS case 50). Nothing under
+# the caps was measured near it: an 84-megapixel TIFF 0.7 s, a 272 MB progressive JPEG 7.8 s.
+GUARDED_JPEG_SCANS = 20
+DECODE_LIMIT_S = 30.0
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, always the same
 
 # Never accept truncated images silently (Pillow's global switch must stay off).
@@ -215,7 +224,8 @@ def decode_image_bytes(
     """
     if len(data) == 0:
         raise ImageError(name, "empty file")
-    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    scans = data.count(b"\xff\xda") if data[:2] == b"\xff\xd8" else 0
+    if scans > MAX_JPEG_SCANS:
         # each progressive scan passes over the whole image again: thousands take minutes to decode
         raise ImageError(name, f"too many JPEG scans ({scans}, over {MAX_JPEG_SCANS}): decoding could take minutes")
     try:
@@ -226,15 +236,23 @@ def decode_image_bytes(
         raise
     except Exception as exc:  # Pillow's parsers raise many types (TypeError, IndexError...) on bad files
         raise ImageError(name, f"not a valid image ({type(exc).__name__}: {exc})") from None
+    stored_size = image.size  # read before draft() shrinks it
+    if image.format == "TIFF" or scans > GUARDED_JPEG_SCANS:
+        image = _decoded_in_child(image, name, draft_size)
+    else:
+        image = _decoded(image, name, draft_size)
+    return (image, stored_size) if with_size else image
+
+
+def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+    """The opened image's first frame, decoded, upright, RGB; ImageError naming why not."""
     try:
-        stored_size = image.size  # read before draft() shrinks it
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size * 2, draft_size * 2))
         image.seek(0)  # animated GIF/WebP/TIFF: the first frame only
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: a copy of every photo cost 0.35 ms
-        image = to_rgb(image)
-        return (image, stored_size) if with_size else image
+        return to_rgb(image)
     except ImageError:
         raise
     except OSError as exc:
@@ -243,6 +261,50 @@ def decode_image_bytes(
         raise ImageError(name, reason) from None
     except Exception as exc:  # e.g. TypeError from a damaged EXIF or TIFF tag: still just a bad file
         raise ImageError(name, f"cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def _decoded_in_child(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+    """:func:`_decoded` in a forked child, killed after ``DECODE_LIMIT_S``: Pillow's decoders
+    cannot be interrupted in a thread. Only for files that may be slow by construction (TIFF, a
+    JPEG of many scans), as a fork costs milliseconds an ordinary photo should not pay."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: decode, send the pixels or the reason, and leave without clean-up
+        try:
+            os.close(read_end)
+            try:
+                rgb = _decoded(image, name, draft_size)
+                payload = b"I" + struct.pack("<II", *rgb.size) + rgb.tobytes()
+            except ImageError as exc:
+                payload = b"E" + exc.reason.encode()
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + DECODE_LIMIT_S
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := _read_before(pipe, deadline):
+            chunks.append(chunk)
+        if chunk is None:
+            os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if chunk is None:
+        raise ImageError(name, f"decoding took over {DECODE_LIMIT_S:g} s: stopped (a file made to be slow to decode?)")
+    answer = b"".join(chunks)
+    if answer[:1] == b"I":
+        width, height = struct.unpack("<II", answer[1:9])
+        return Image.frombytes("RGB", (width, height), answer[9:])
+    reason = answer[1:].decode(errors="replace") if answer[:1] == b"E" else "cannot decode (the decoder crashed)"
+    raise ImageError(name, reason)
+
+
+def _read_before(pipe, deadline: float) -> bytes | None:
+    """The next bytes from ``pipe`` (b"" at its end), or None when the deadline passes first."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([pipe], [], [], left)[0]:
+        return None
+    return pipe.read(1 << 20)
 
 
 def is_image_name(path: str | Path) -> bool:
