@@ -29,22 +29,68 @@ def _solid_png(path, colour: tuple[int, int, int]) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
-def _tiny_png() -> bytes:
+def _tiny_png(shade: int = 0) -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), (1, 2, 3)).save(buffer, "PNG")
+    Image.new("RGB", (40, 40), (1 + shade, 2, 3)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
-@pytest.mark.slow
-def test_auditing_many_large_pngs_keeps_memory_to_a_photo_per_core(tmp_path):
+@pytest.fixture(scope="module")
+def large_pngs(tmp_path_factory):
+    """Eight 9000x9000 PNGs in two classes (red, blue), each its own shade."""
+    root = tmp_path_factory.mktemp("large") / "data"
     for label, colour in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
-        (tmp_path / "data" / label).mkdir(parents=True)
+        (root / label).mkdir(parents=True)
         for n in range(4):
-            _solid_png(tmp_path / "data" / label / f"{n}.png", (colour[0], colour[1] + n, colour[2]))
+            _solid_png(root / label / f"{n}.png", (colour[0], colour[1] + n, colour[2]))
+    return root
+
+
+@pytest.mark.slow
+def test_training_on_many_large_pngs_keeps_memory_to_a_photo_per_decoder(large_pngs, tmp_path):
+    """Training decodes each photo once, in turn, and keeps it at the network's input size (the
+    memory cache holds 32 px tensors, not 9000 px photos): the process's peak grows by a few
+    decoded photos, where the eight at once would be 2.6 GB."""
+    script = (
+        "import json, resource, sys\n"
+        "import imgclf\n"
+        "asked = {'model': 'cnn1', 'image_size': 32, 'epochs': 1, 'time_budget': '0', 'threads': 1}\n"
+        "imgclf.train(sys.argv[3], sys.argv[2] + '-warm', asked)  # imports and first allocations\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "result = imgclf.train(sys.argv[1], sys.argv[2], asked)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(json.dumps({'before': before * 1024, 'after': after * 1024, 'children': children * 1024,"
+        " 'status': result.status}))\n"
+    )
+    for label in ("a", "b"):
+        (tmp_path / "warm" / label).mkdir(parents=True)
+        for n in range(4):
+            (tmp_path / "warm" / label / f"{n}.png").write_bytes(_tiny_png(n))
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(large_pngs), str(tmp_path / "run"), str(tmp_path / "warm")],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["status"] == "finished"
+    grew = measured["after"] - measured["before"]
+    print(f"training on 8 9000x9000 PNGs: peak +{grew / 2**20:.0f} MB, children {measured['children'] / 2**20:.0f} MB")
+    # the check (2 decoders) and the cache's decoding, a photo each, and slack; not 8 at once
+    assert grew < 4 * DECODED, f"training's memory grew by {grew / 2**20:.0f} MB"
+    assert measured["children"] < 4 * DECODED, f"a child process peaked at {measured['children'] / 2**20:.0f} MB"
+
+
+@pytest.mark.slow
+def test_auditing_many_large_pngs_keeps_memory_to_a_photo_per_core(large_pngs, tmp_path):
     (tmp_path / "warm" / "a").mkdir(parents=True)  # a first check imports everything it needs
     (tmp_path / "warm" / "b").mkdir(parents=True)
     for label in ("a", "b"):
@@ -61,7 +107,7 @@ def test_auditing_many_large_pngs_keeps_memory_to_a_photo_per_core(tmp_path):
     )
     env = {**os.environ, "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "data"), str(tmp_path / "warm")],
+        [sys.executable, "-c", script, str(large_pngs), str(tmp_path / "warm")],
         capture_output=True,
         text=True,
         timeout=300,

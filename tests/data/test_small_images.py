@@ -45,6 +45,20 @@ def test_all_small_is_the_data_sets_resolution_and_an_outlier_is_named(small_set
     assert "under half its class's typical 28 px" in report.problems[0]["reason"]
 
 
+def test_a_1x10000_strip_and_a_1x1_dot_among_28px_photos_are_named_too_small(small_set, tmp_path):
+    """BAD_INPUTS case 9 on the training side: both are refused by the size rule, by name."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_set, copy)
+    Image.new("L", (10000, 1), 128).save(copy / "5" / "strip.png")
+    Image.new("L", (1, 1), 128).save(copy / "7" / "dot.png")
+    report = audit(scan(copy), DataSettings())
+    named = sorted(p["path"].rsplit("/", 2)[-2:] for p in report.problems)
+    assert named == [["5", "strip.png"], ["7", "dot.png"]], report.problems
+    assert all("under half its class's typical 28 px" in p["reason"] for p in report.problems)
+
+
 @pytest.mark.slow
 def test_a_folder_of_28px_jpegs_trains_with_the_defaults(small_set, tmp_path):
     # the defaults but the time budget (10 minutes by default; the plan fits itself to 45 s)
