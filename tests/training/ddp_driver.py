@@ -5,6 +5,8 @@ outside tests). Environment variables switch the hooks on:
 - ``IMGCLF_TEST_FAULT_AT``: rank 1 raises at that step of torchrun's first attempt (a crash);
 - ``IMGCLF_TEST_WRITES_DIR``: each process records every file it creates, writes, renames or
   removes under ``IMGCLF_TEST_WATCH`` (Python's audit hooks see every ``open`` and ``os`` call);
+- ``IMGCLF_TEST_EMPTY_STEPS``: in rank 1, the first micro-batch of these steps (1-based, comma
+  separated) comes out of the loader with no readable image, as when storage fails for a moment;
 - ``validate DATA OUT.npz``: instead of the CLI, the validation logits of a fixed network over
   the split's ``val`` images, gathered from every process as training does.
 """
@@ -58,6 +60,21 @@ def _hook_steps(steps_dir: str | None, fault_at: int) -> None:
     loop._optimisation_step = step
 
 
+def _empty_micro_batches(steps: set[int]) -> None:
+    from imgclf.training import loop
+
+    original, count = loop._micro_batches, [0]
+
+    def grouped(loader, accumulate):
+        for group in original(loader, accumulate):
+            count[0] += 1
+            if RANK == 1 and count[0] in steps:
+                group = [(None, None, []), *group[1:]]  # what collate_skip_bad gives when none loaded
+            yield group
+
+    loop._micro_batches = grouped
+
+
 def _validate(data: str, out: str) -> None:
     """Validation logits of pretrained Lite0 features under a seeded random head (predictions
     spread over the classes) for ``data``'s val images, as training gathers them."""
@@ -96,6 +113,8 @@ def main() -> int:
     if os.environ.get("IMGCLF_TEST_WRITES_DIR"):
         _watch_writes(os.environ["IMGCLF_TEST_WRITES_DIR"], os.path.abspath(os.environ["IMGCLF_TEST_WATCH"]))
     _hook_steps(os.environ.get("IMGCLF_TEST_STEPS_DIR"), int(os.environ.get("IMGCLF_TEST_FAULT_AT", "0")))
+    if os.environ.get("IMGCLF_TEST_EMPTY_STEPS"):
+        _empty_micro_batches({int(n) for n in os.environ["IMGCLF_TEST_EMPTY_STEPS"].split(",")})
     from imgclf.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -30,15 +30,29 @@ def _env(**extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}
 
 
+def _run(cmd: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own: past the timeout its whole process group is killed, so a
+    hung rank does not outlive the test (torchrun's workers would wait on their peers for 30 min)."""
+    process = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"no end within {timeout} s: {stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def _torchrun(args: list, env: dict, nproc: int = 2, restarts: int = 0, timeout: float = 180):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += [f"--max-restarts={restarts}", str(DRIVER), "train", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return _run(cmd, env, timeout)
 
 
 def _one_process(args: list, env: dict, timeout: float = 180):
-    cmd = [sys.executable, str(DRIVER), "train", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return _run([sys.executable, str(DRIVER), "train", *map(str, args)], env, timeout)
 
 
 def _steps(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -167,6 +181,23 @@ def test_crash_of_rank_1_restarted_by_torchrun_ends_as_the_uninterrupted_run(man
     assert resumes[-1]["torchrun_restart"] == 1 and resumes[-1]["epoch"] == 2
 
 
+def test_a_micro_batch_with_no_readable_image_in_one_rank_skips_that_step_in_both(manifest, tmp_path):
+    """Rank 1's micro-batch of steps 3 and 5 has no image that loaded (storage gone for a moment):
+    both processes skip those steps, as DDP needs the same passes in each, and say so; the run
+    goes on to its end instead of waiting forever in DDP."""
+    (tmp_path / "steps").mkdir()
+    env = _env(IMGCLF_TEST_STEPS_DIR=tmp_path / "steps", IMGCLF_TEST_EMPTY_STEPS="3,5")
+    done = _torchrun([manifest, "--out", tmp_path / "run", "--epochs", 1, *ARGS], env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("skipped in every process") == 2, done.stderr[-3000:]
+    states = _steps(tmp_path / "steps")
+    for skipped in (3, 5):  # the weights after a skipped step are those before it
+        before, after = states[f"e0-s{skipped - 1:04d}"], states[f"e0-s{skipped:04d}"]
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(states["e0-s0003"][k], states["e0-s0004"][k]) for k in states["e0-s0003"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
 def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,7 +219,9 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_one_checkpoint(manifest
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(DRIVER)]
     cmd += ["train", str(manifest), "--out", str(out), "--epochs", "200", *ARGS]
-    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "history.csv").exists():  # the first epoch is done: training is under way
@@ -198,7 +231,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_one_checkpoint(manifest
         sent = time.monotonic()
         _, stderr = process.communicate(timeout=60)
     finally:
-        process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun and any worker left behind
+        except ProcessLookupError:
+            pass
     assert process.returncode == 0, stderr[-3000:]  # a stop asked for: torchrun must not restart it
     assert time.monotonic() - sent < 20
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
@@ -214,9 +250,7 @@ def test_validation_shared_by_two_ranks_scores_as_one_process(clothing, tmp_path
     for name, nproc in (("one", 1), ("two", 2)):
         out = tmp_path / f"{name}.npz"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        done = subprocess.run(
-            [*cmd, str(DRIVER), "validate", str(clothing), str(out)], env=_env(), capture_output=True, text=True
-        )
+        done = _run([*cmd, str(DRIVER), "validate", str(clothing), str(out)], _env(), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         with np.load(out, allow_pickle=False) as saved:
             results[name] = (saved["logits"], saved["targets"])

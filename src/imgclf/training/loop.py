@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from imgclf.core.events import Events, StopToken, Tracker, skipped
+from imgclf.core.events import Events, StopToken, Tracker, info, skipped
 from imgclf.core.preprocessing import Preprocessing
 from imgclf.data.images import ImageError
 from imgclf.models.device import Runtime, model_input
@@ -63,6 +63,7 @@ class TrainStep:
     # NaN is caught before it updates the model); on a GPU each read waits for the queued work
     read_every: int = 1
     pending: list = field(default_factory=list)  # (loss sum, correct, images) not read yet
+    skipped_steps: int = 0  # steps every process skipped: one had a micro-batch of no readable image
 
 
 @dataclass
@@ -119,7 +120,14 @@ def train_one_epoch(
     for group in _micro_batches(loader, step.accumulate):
         for _, _, failures in group:
             report_failures(failures, events, step.reported)
+        skipped_before = step.skipped_steps
         _optimisation_step(step, group, progress, epoch)
+        if step.skipped_steps > skipped_before and step.skipped_steps <= 3:
+            info(
+                events,
+                f"step {progress.step} of epoch {epoch + 1} skipped in every process: one had a micro-batch none of "
+                f"whose images could be read{' (said for the first 3 only)' if step.skipped_steps == 3 else ''}",
+            )
         progress.seconds += time.perf_counter() - started
         started = time.perf_counter()
         tracker.advance(
@@ -155,6 +163,12 @@ def _optimisation_step(step: TrainStep, group: list, progress: EpochProgress, ep
     the mean over the global batch, as DDP's average over processes makes it."""
     world, rank = step.ranks.world_size, step.ranks.rank
     batches = [(images, targets) for images, targets, _ in group if images is not None]
+    # DDP and the per-pass agreements need the same passes in every process: when one process has
+    # a micro-batch none of whose images loaded (storage gone for a moment), every process skips
+    # the step. One process just trains on the micro-batches it has.
+    if step.ranks.enabled and agree([len(batches) < len(group)], step.ranks)[0]:
+        batches = []
+        step.skipped_steps += 1
     step.optimizer.zero_grad(set_to_none=True)
     for micro, (images, targets) in enumerate(batches):
         torch.manual_seed(micro_seed(step.seed, epoch, progress.step, micro * world + rank))
