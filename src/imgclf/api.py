@@ -33,6 +33,7 @@ from imgclf.export import export as export_onnx
 from imgclf.predictors import BasePredictor
 from imgclf.predictors import load as load_predictor
 from imgclf.training import fit
+from imgclf.training.budget import REASON as BUDGET_REASON
 from imgclf.training.distributed import is_main_process
 
 __all__ = ["check", "fetch", "shard", "train", "evaluate", "load", "export", "compare", "embed", "similar"]
@@ -106,7 +107,7 @@ def train(
     source = None if resume is True or source is None else str(source)
     result = fit.train(source, str(out), settings, events=events, stop=stop, resume=resume, started=started)
     run = RunDir(out)
-    budget_stop = result.status == "stopped" and result.reason == "time budget" and (run / RunDir.WEIGHTS).exists()
+    budget_stop = result.status == "stopped" and result.reason == BUDGET_REASON and (run / RunDir.WEIGHTS).exists()
     if (result.status == "finished" or budget_stop) and evaluate and is_main_process():
         resolved = from_dict(run.read_json(RunDir.SETTINGS))  # what the run used, "auto"s decided
         result.metrics = evaluation.after_training(out, result.logits, resolved, events, stop)

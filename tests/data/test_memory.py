@@ -39,6 +39,20 @@ def _tiny_png(shade: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def _measured(script: str, args: list, cache, timeout: float) -> dict:
+    """Run ``script`` in a process of its own (its peak memory is its own) and return the JSON
+    object it prints last."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "IMGCLF_CACHE_DIR": str(cache)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def large_pngs(tmp_path_factory):
     """Eight 9000x9000 PNGs in two classes (red, blue), each its own shade."""
@@ -71,16 +85,7 @@ def test_training_on_many_large_pngs_keeps_memory_to_a_photo_per_decoder(large_p
         (tmp_path / "warm" / label).mkdir(parents=True)
         for n in range(4):
             (tmp_path / "warm" / label / f"{n}.png").write_bytes(_tiny_png(n))
-    env = {**os.environ, "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(large_pngs), str(tmp_path / "run"), str(tmp_path / "warm")],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = _measured(script, [large_pngs, tmp_path / "run", tmp_path / "warm"], tmp_path / "cache", 400)
     assert measured["status"] == "finished"
     grew = measured["after"] - measured["before"]
     print(f"training on 8 9000x9000 PNGs: peak +{grew / 2**20:.0f} MB, children {measured['children'] / 2**20:.0f} MB")
@@ -105,16 +110,7 @@ def test_auditing_many_large_pngs_keeps_memory_to_a_photo_per_core(large_pngs, t
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'before': before * 1024, 'after': after * 1024, 'usable': len(report.usable)}))\n"
     )
-    env = {**os.environ, "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(large_pngs), str(tmp_path / "warm")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = _measured(script, [large_pngs, tmp_path / "warm"], tmp_path / "cache", 300)
     assert measured["usable"] == 8
     grew = measured["after"] - measured["before"]
     # two workers, a photo each (and some slack); all eight at once would be 2.6 GB

@@ -222,13 +222,6 @@ class StopToken:
             self._flag.wait(min(left, 0.1))
         return self.is_set()
 
-    def set_after(self, seconds: float, reason: str) -> threading.Timer:
-        """Set the token ``seconds`` from now (a daemon timer; cancel it when the work is done)."""
-        timer = threading.Timer(max(0.0, seconds), self.set, args=(reason,))
-        timer.daemon = True
-        timer.start()
-        return timer
-
     def check(self) -> None:
         """Raise :class:`Stopped` when the token is set (for steps that have nothing to save)."""
         if self.is_set():

@@ -25,6 +25,7 @@ from imgclf.core.rundir import RunDir
 from imgclf.core.settings import Settings, as_settings, asked_settings
 from imgclf.models.factory import freeze_early_layers
 from imgclf.models.heads import head_info, install_saved_head
+from imgclf.training.budget import REASON as BUDGET_REASON
 from imgclf.training.budget import BudgetStop
 from imgclf.training.checkpoint import save_checkpoint
 from imgclf.training.data_setup import Loaders, build_loaders
@@ -325,7 +326,9 @@ def _run_epochs(step: TrainStep, loaders: Loaders, state: RunState, ctx: dict) -
     return "finished"
 
 
-def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken, budget=None) -> TrainResult:
+def _train_layers(
+    job: Job, model: nn.Module, events: Events, stop: StopToken, budget: BudgetStop | None = None
+) -> TrainResult:
     """Train the network's layers epoch by epoch (full or finetune mode), from the checkpoint when
     there is one."""
     from torch.utils.tensorboard import SummaryWriter  # TensorBoard's import is slow; only training needs it
@@ -382,7 +385,7 @@ def _train_layers(job: Job, model: nn.Module, events: Events, stop: StopToken, b
             best_epoch=state.best_epoch,
             train_seconds=round(time.perf_counter() - started, 1),
         )
-        if status == "stopped" and result.reason == "time budget":
+        if status == "stopped" and result.reason == BUDGET_REASON:
             info(
                 events,
                 f"stopped at the time budget after {state.epoch} epochs, the best (epoch {state.best_epoch}) "
